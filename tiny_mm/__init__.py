@@ -1,0 +1,31 @@
+"""tiny_mm: the PyTorch library of the book.
+
+Names are imported on first use, so `import tiny_mm` (and `tinymm --help`)
+stays fast and does not pull in torch until a model or loss is needed.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "clip_loss": "tiny_mm.contrastive",
+    "ClipLoss": "tiny_mm.contrastive",
+    "gather_with_grad": "tiny_mm.contrastive",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value  # cache: later lookups skip __getattr__
+        return value
+    raise AttributeError(f"module 'tiny_mm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
