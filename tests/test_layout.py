@@ -1,0 +1,52 @@
+"""The one-way import rule of DESIGN.md, checked on the source (no imports run).
+
+    chapters/*/reference.py : NumPy and the standard library only
+    kernels/                : torch + triton, nothing of the project
+    tiny_mm/                : may use kernels (and the chapters' references), never exercises/solutions
+    exercises/, solutions/  : imported by nobody but the graders
+"""
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT = {"chapters", "kernels", "tiny_mm", "exercises", "solutions", "tests"}
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def files(pattern: str):
+    return sorted(ROOT.glob(pattern))
+
+
+@pytest.mark.parametrize("path", files("chapters/*/reference.py"), ids=lambda p: p.parent.name)
+def test_references_use_numpy_and_the_standard_library_only(path):
+    allowed = {"numpy", "__future__"} | set(sys.stdlib_module_names)
+    assert imported_top_levels(path) <= allowed, imported_top_levels(path) - allowed
+
+
+@pytest.mark.parametrize("path", files("kernels/**/*.py"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_kernels_are_a_leaf(path):
+    assert not imported_top_levels(path) & PROJECT - {"kernels"}
+
+
+@pytest.mark.parametrize("path", files("tiny_mm/**/*.py"), ids=lambda p: str(p.relative_to(ROOT)))
+def test_the_library_never_imports_learner_code(path):
+    assert not imported_top_levels(path) & {"exercises", "solutions", "tests"}
+
+
+@pytest.mark.parametrize("path", files("chapters/**/*.py") + files("kernels/**/*.py"),
+                         ids=lambda p: str(p.relative_to(ROOT)))
+def test_nothing_outside_the_graders_imports_exercises_or_solutions(path):
+    assert not imported_top_levels(path) & {"exercises", "solutions"}
