@@ -1,6 +1,11 @@
 """Shared test setup: CPU by default, GPU tests behind the `requires_cuda` marker."""
 import os
 
+# The Triton kernels must be imported before anything imports Triton (see
+# kernels/__init__.py): do it first, so a test that builds an optimiser or
+# imports open_clip at collection time cannot switch the interpreter off.
+import kernels  # noqa: F401
+
 import pytest
 
 # Keep the 2-core machine responsive and the numbers reproducible across runs.
