@@ -1,0 +1,323 @@
+"""The measuring tools (tiny_mm.timing), `tinymm bench` and `tinymm tour`.
+
+Timing is checked against a fake clock whose every reading we chose, so the
+expected median, minimum and spread are known without running the code under
+test; memory against allocations of a known size.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+
+import numpy as np
+import pytest
+
+from tiny_mm import bench, timing, tour
+
+def flat(text: str) -> str:
+    """The text with every run of whitespace made one space (footnotes are wrapped)."""
+    return " ".join(text.split())
+
+
+# --------------------------------------------------------------------------- time_it
+
+
+class FakeClock:
+    """A clock that only moves when the timed function says so."""
+
+    def __init__(self, costs_ms):
+        self.now = 0.0
+        self.costs = list(costs_ms)
+        self.calls = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def work(self):
+        self.now += self.costs[self.calls] / 1e3
+        self.calls += 1
+
+
+def test_time_it_median_min_iqr_from_a_fake_clock():
+    # two warm-up calls (1000 ms each, must not count), then five timed calls
+    clock = FakeClock([1000, 1000, 5, 1, 3, 100, 2])
+    t = timing.time_it(clock.work, warmup=2, repeats=5, sync=False, clock=clock)
+    assert clock.calls == 7
+    # sorted timed costs: 1, 2, 3, 5, 100 -> median 3, min 1, quartiles 2 and 5
+    assert t.median_ms == pytest.approx(3)
+    assert t.min_ms == pytest.approx(1)
+    assert t.iqr_ms == pytest.approx(3)
+    assert t.repeats == 5
+
+
+def test_time_it_keeps_going_until_min_time():
+    clock = FakeClock([10] * 50)
+    t = timing.time_it(clock.work, warmup=0, repeats=2, min_time_ms=55, sync=False, clock=clock)
+    assert t.repeats == 6 and clock.calls == 6  # 6 x 10 ms is the first total >= 55 ms
+    assert t.median_ms == pytest.approx(10)
+    capped = FakeClock([10] * 50)
+    t = timing.time_it(capped.work, warmup=0, repeats=2, min_time_ms=10_000, max_repeats=7, sync=False, clock=capped)
+    assert t.repeats == 7
+
+
+def test_time_it_measures_a_real_cost():
+    # a busy loop of at least 20 ms on the real clock; the machine may be slow, never faster
+    import time
+
+    def cost():
+        end = time.perf_counter() + 0.02
+        while time.perf_counter() < end:
+            pass
+
+    t = timing.time_it(cost, warmup=0, repeats=3, sync=False)
+    assert 20 <= t.median_ms < 2000
+
+
+def test_time_it_synchronises_cuda_when_asked(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(1))
+    timing.time_it(lambda: None, warmup=1, repeats=4, sync=True)
+    assert len(calls) == 1 + 4  # once after the warm-up, once after each timed call
+    calls.clear()
+    timing.time_it(lambda: None, warmup=1, repeats=4, sync=False)
+    assert calls == []
+
+
+@pytest.mark.parametrize("kwargs", [{"repeats": 0}, {"warmup": -1}, {"repeats": 5, "max_repeats": 2}])
+def test_time_it_rejects_bad_counts(kwargs):
+    with pytest.raises(ValueError, match="repeats|warmup"):
+        timing.time_it(lambda: None, **kwargs)
+
+
+# --------------------------------------------------------------------------- memory
+
+needs_proc = pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs Linux /proc")
+
+
+@needs_proc
+def test_rss_growth_sees_a_known_allocation():
+    size = 64 * 2**20
+
+    def allocate():
+        a = np.ones(size // 8)  # 64 MiB, every page touched
+        return float(a[-1])
+
+    grown = timing.rss_peak_growth_bytes(allocate)
+    assert 0.9 * size < grown < 3 * size
+    assert timing.rss_peak_growth_bytes(lambda: None) < 8 * 2**20
+
+
+def test_run_in_child_returns_raises_and_reports_a_dead_child():
+    assert timing.run_in_child(math.factorial, 10) == math.factorial(10)
+    with pytest.raises(ValueError):
+        timing.run_in_child(math.factorial, -1)
+    with pytest.raises(timing.ChildDied, match="died"):
+        timing.run_in_child(os._exit, 3)
+
+
+@pytest.mark.requires_cuda
+def test_cuda_peak_extra_bytes_sees_a_known_allocation():
+    import torch
+
+    size = 64 * 2**20
+    grown = timing.cuda_peak_extra_bytes(lambda: torch.ones(size // 4, device="cuda"))
+    assert size <= grown < 1.1 * size
+
+
+def test_format_bytes():
+    assert timing.format_bytes(512) == "512 B"
+    assert timing.format_bytes(1536) == "1.5 KiB"
+    assert timing.format_bytes(3 * 2**30) == "3.0 GiB"
+    assert timing.format_bytes(None) == "n/a"
+
+
+# --------------------------------------------------------------------------- the table
+
+
+def _t(ms: float) -> timing.Timing:
+    return timing.Timing(ms, ms, 0.0, 1)
+
+
+def test_table_ratios_divide_by_pytorch_and_leave_interpreted_triton_out():
+    cfg = bench.Config(sizes=(64,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0)
+    results = [
+        bench.Measurement("numpy", 64, _t(10), _t(30), 2**20, 2**18),
+        bench.Measurement("pytorch", 64, _t(4), _t(10), 2**20, 2**20 + 2**19),  # slack: never below 0
+        bench.Measurement("triton", 64, _t(500), _t(900), 2**12, 2**10),
+    ]
+    table = bench.format_table(bench.CONTRASTIVE, cfg, results)
+    rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines() if line.strip().startswith("64")]
+    cells = {row[1]: row[2:] for row in rows}  # label -> fwd ms, fwd x, fwd+bwd ms, fwd+bwd x, peak, excl.
+    assert cells["numpy (float64)"] == ["10", "2.5x", "30", "3x", "1.0 MiB", "768.0 KiB"]
+    assert cells["pytorch"] == ["4", "1x", "10", "1x", "1.0 MiB", "0 B"]
+    assert cells["triton *"][4:] == ["4.0 KiB", "3.0 KiB"]
+    assert cells["triton *"][1] == "-" and cells["triton *"][3] == "-"  # no ratio for the interpreter
+    assert "NOT speed figures" in flat(table) and "left out of the ratios" in flat(table)
+    assert timing.CPU_MEMORY_NOTE in flat(table)
+
+
+def test_points_that_cannot_fit_are_skipped_with_a_note():
+    cfg = bench.Config(sizes=(32, 2_000_000), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
+    todo, skipped = bench.plan(bench.CONTRASTIVE, cfg, ("numpy", "pytorch", "triton"))
+    assert ("numpy", 32) in todo and ("pytorch", 32) in todo and ("triton", 32) in todo
+    assert {m.rung for m in skipped} == {"numpy", "pytorch"}  # (N, N) matrices of 2e6^2 floats
+    assert all(m.n == 2_000_000 and m.note.startswith("skipped: needs about") for m in skipped)
+    assert ("triton", 2_000_000) not in todo  # interpreter: smallest N only
+    big = bench.Config(sizes=(4096,), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
+    todo, skipped = bench.plan(bench.CONTRASTIVE, big, ("triton",))
+    assert todo == [] and "under the interpreter" in skipped[0].note  # would take minutes
+
+
+def test_a_failing_rung_becomes_a_note(monkeypatch):
+    def broken(n, cfg):
+        raise RuntimeError("kernel exploded")
+
+    fake = bench.Benchmark(
+        name="fake",
+        title="fake",
+        rungs=(
+            bench.Rung("pytorch", "pytorch", bench._prepare_pytorch, bench._bytes_pytorch, bench._grads_torch),
+            bench.Rung("broken", "broken", broken, lambda n, cfg: 0, lambda n, cfg: 0),
+        ),
+        baseline="pytorch",
+        gpu_sizes=(8,),
+        gpu_dim=8,
+        cpu_sizes=(8,),
+        cpu_dim=8,
+        cpu_defaults_why="",
+    )
+    monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
+    cfg = bench.Config(sizes=(8,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0, min_time_ms=0)
+    results = bench.run_sweep(fake, cfg, isolate=False, progress=False)
+    by_rung = {m.rung: m for m in results}
+    assert by_rung["pytorch"].ok and by_rung["pytorch"].forward.median_ms > 0
+    assert not by_rung["broken"].ok and "RuntimeError: kernel exploded" in by_rung["broken"].note
+    assert "kernel exploded" in bench.format_table(fake, cfg, results)
+
+
+# --------------------------------------------------------------------------- tinymm bench
+
+
+def test_bench_contrastive_end_to_end(tmp_path, capsys):
+    plot = tmp_path / "bench.png"
+    argv = ["contrastive", "--sizes", "32,48", "--dim", "24", "--repeats", "1", "--warmup", "0"]
+    assert bench.main(argv + ["--min-time", "0", "--plot", str(plot)]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "point" in captured.err  # the progress bar went to stderr
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if re.match(r"\s*(32|48)\s{2}", line)]
+    assert [(row[0], row[1]) for row in rows] == [
+        ("32", "numpy (float64)"),
+        ("32", "pytorch"),
+        ("32", "triton *"),  # the interpreter: smallest N only
+        ("48", "numpy (float64)"),
+        ("48", "pytorch"),
+    ]
+    for row in rows:  # N, rung, fwd ms, fwd x, fwd+bwd ms, fwd+bwd x, peak extra, excl. grads
+        assert len(row) == 8
+        for ms in (row[2], row[4]):
+            assert math.isfinite(float(ms)) and float(ms) > 0
+        assert row[6].endswith("B")  # a memory figure, not "failed"
+        assert row[3] == ("-" if row[1] == "triton *" else "1x" if row[1] == "pytorch" else row[3])
+    assert "NOT speed figures" in flat(out) and "peak RSS growth of a child process" in flat(out)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_forward_only(capsys):
+    argv = ["contrastive", "--sizes", "16", "--dim", "8", "--repeats", "1", "--warmup", "0", "--min-time", "0"]
+    assert bench.main(argv + ["--no-backward", "--rungs", "pytorch", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "fwd ms" in out and "fwd+bwd ms" not in out and "peak extra (fwd)" in out
+    assert "numpy" not in out.split("fwd ms")[1]  # --rungs kept only pytorch
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_bench_on_a_gpu_reports_device_memory(dtype, capsys):
+    argv = ["contrastive", "--sizes", "256,1024", "--dim", "64", "--dtype", dtype, "--repeats", "2"]
+    assert bench.main(argv + ["--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "GPU" in out and "max_memory_allocated" in flat(out) and "NOT speed figures" not in flat(out)
+    rows = [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if re.match(r"\s*1,024\s{2}", line)]
+    assert [row[1] for row in rows] == ["numpy (float64)", "pytorch", "triton"]
+    assert all(row[6].endswith("B") and row[7].endswith("B") for row in rows)
+    assert rows[2][3].endswith("x")  # on a GPU the kernel is in the ratios
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["attention-ish"], "unknown benchmark 'attention-ish'"),
+        (["contrastive", "--sizes", "32,abc"], "'abc' is not a whole number"),
+        (["contrastive", "--sizes", "0"], "sizes must be >= 1"),
+        (["contrastive", "--dim", "-3"], "must be >= 1"),
+        (["contrastive", "--dtype", "float8"], "invalid choice"),
+        (["contrastive", "--rungs", "numpy,jax"], "unknown rung"),
+        (["contrastive", "--bogus"], "unrecognized arguments"),
+        (["contrastive", "--plot", "/no/such/folder/b.png"], "does not exist"),
+    ],
+)
+def test_bench_bad_arguments_are_named(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only errors")
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["contrastive", "--dtype", "bfloat16"], "bfloat16 needs a CUDA GPU"),
+        (["contrastive", "--tf32"], "--tf32 applies to float32 on a CUDA GPU only"),
+        (["contrastive", "--device", "cuda"], "no CUDA GPU"),
+    ],
+)
+def test_bench_gpu_only_options_fail_clearly_on_cpu(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_help(capsys):
+    assert bench.main(["contrastive", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--sizes" in out and "8.6 GB" in flat(out)
+
+
+# --------------------------------------------------------------------------- tinymm tour
+
+
+def test_tour_quick_runs_and_every_check_holds(capsys):
+    assert tour.main(["--quick"]) == 0
+    out = capsys.readouterr().out
+    assert "FAIL" not in out
+    assert out.count(" ok") >= 3  # two rungs against the reference, the gradient check
+    assert "chapters/ch04_contrastive/README.md" in out
+    assert "NOT speed figures" in flat(out)
+
+
+def test_tour_list_and_unknown_stop(capsys):
+    assert tour.main(["--list"]) == 0
+    assert "contrastive" in capsys.readouterr().out
+    assert tour.main(["--only", "nowhere"]) == 2
+    assert "unknown stop" in capsys.readouterr().err
+
+
+def test_tour_relative_error_never_passes_nan():
+    assert tour.relative_error([1.0, float("nan")], [1.0, 2.0]) == math.inf
+    assert tour.relative_error([1.0, 2.0], [1.0, 2.0]) == 0.0
+    assert tour.relative_error([3.0, 4.0], [0.0, 0.0]) > 1  # a zero reference is not an excuse
+
+
+@pytest.mark.slow
+def test_full_tour(capsys):
+    assert tour.main([]) == 0
+    assert "FAIL" not in capsys.readouterr().out
+
+
+def test_cli_dispatches_to_bench(capsys):
+    from tiny_mm import cli
+
+    assert cli.main(["bench", "nothing"]) == 2
+    assert "unknown benchmark" in capsys.readouterr().err
