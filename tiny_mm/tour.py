@@ -215,6 +215,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Tour done in {time.perf_counter() - start:.0f} s: {passed} of {len(stops)} stop(s) checked out. "
-        "Next: `make test`, `tinymm grade ex01`, `tinymm bench contrastive`."
+        "Next: `make test`, `tinymm grade ex01`, `tinymm bench contrastive`"
+        f"{'' if _on_path('tinymm') else ' (tinymm lives in .venv/bin: run `source .venv/bin/activate` first)'}."
     )
     return 0 if passed == len(stops) else 1
+
+
+def _on_path(command: str) -> bool:
+    """Whether a shell would find `command`, i.e. the venv is active or installed globally."""
+    import shutil
+
+    return shutil.which(command) is not None
