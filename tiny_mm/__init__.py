@@ -14,6 +14,8 @@ _EXPORTS = {
     "clip_loss": "tiny_mm.contrastive",
     "ClipLoss": "tiny_mm.contrastive",
     "gather_with_grad": "tiny_mm.contrastive",
+    "scaled_dot_product_attention": "tiny_mm.attention",
+    "MultiHeadAttention": "tiny_mm.attention",
 }
 
 __all__ = sorted(_EXPORTS)
