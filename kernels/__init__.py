@@ -32,6 +32,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         )
     os.environ["TRITON_INTERPRET"] = "1"
 
+from kernels.attention import attention  # noqa: E402  (hides the module kernels.attention; see its docstring)
 from kernels.contrastive import clip_loss  # noqa: E402  (must follow the line above)
 
-__all__ = ["clip_loss"]
+__all__ = ["attention", "clip_loss"]
