@@ -16,6 +16,13 @@ _EXPORTS = {
     "gather_with_grad": "tiny_mm.contrastive",
     "scaled_dot_product_attention": "tiny_mm.attention",
     "MultiHeadAttention": "tiny_mm.attention",
+    "MLP": "tiny_mm.layers",
+    "TransformerBlock": "tiny_mm.layers",
+    "CrossAttentionBlock": "tiny_mm.layers",
+    "FusionConfig": "tiny_mm.fusion",
+    "EarlyFusion": "tiny_mm.fusion",
+    "LateFusion": "tiny_mm.fusion",
+    "CrossModalFusion": "tiny_mm.fusion",
 }
 
 __all__ = sorted(_EXPORTS)
