@@ -13,7 +13,10 @@ import re
 import numpy as np
 import pytest
 
-from tiny_mm import bench, timing, tour
+from tiny_mm import bench, bench_attention, timing, tour
+from tiny_mm.bench_attention import ATTENTION, AttentionShape
+from tiny_mm.bench_contrastive import CONTRASTIVE
+
 
 def flat(text: str) -> str:
     """The text with every run of whitespace made one space (footnotes are wrapped)."""
@@ -142,13 +145,13 @@ def _t(ms: float) -> timing.Timing:
 
 
 def test_table_ratios_divide_by_pytorch_and_leave_interpreted_triton_out():
-    cfg = bench.Config(sizes=(64,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0)
+    cfg = bench.Config(points=(64,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0)
     results = [
         bench.Measurement("numpy", 64, _t(10), _t(30), 2**20, 2**18),
         bench.Measurement("pytorch", 64, _t(4), _t(10), 2**20, 2**20 + 2**19),  # slack: never below 0
         bench.Measurement("triton", 64, _t(500), _t(900), 2**12, 2**10),
     ]
-    table = bench.format_table(bench.CONTRASTIVE, cfg, results)
+    table = bench.format_table(CONTRASTIVE, cfg, results)
     rows = [re.split(r"\s{2,}", line.strip()) for line in table.splitlines() if line.strip().startswith("64")]
     cells = {row[1]: row[2:] for row in rows}  # label -> fwd ms, fwd x, fwd+bwd ms, fwd+bwd x, peak, excl.
     assert cells["numpy (float64)"] == ["10", "2.5x", "30", "3x", "1.0 MiB", "768.0 KiB"]
@@ -160,14 +163,14 @@ def test_table_ratios_divide_by_pytorch_and_leave_interpreted_triton_out():
 
 
 def test_points_that_cannot_fit_are_skipped_with_a_note():
-    cfg = bench.Config(sizes=(32, 2_000_000), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
-    todo, skipped = bench.plan(bench.CONTRASTIVE, cfg, ("numpy", "pytorch", "triton"))
+    cfg = bench.Config(points=(32, 2_000_000), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
+    todo, skipped = bench.plan(CONTRASTIVE, cfg, ("numpy", "pytorch", "triton"))
     assert ("numpy", 32) in todo and ("pytorch", 32) in todo and ("triton", 32) in todo
     assert {m.rung for m in skipped} == {"numpy", "pytorch"}  # (N, N) matrices of 2e6^2 floats
-    assert all(m.n == 2_000_000 and m.note.startswith("skipped: needs about") for m in skipped)
+    assert all(m.point == 2_000_000 and m.note.startswith("skipped: needs about") for m in skipped)
     assert ("triton", 2_000_000) not in todo  # interpreter: smallest N only
-    big = bench.Config(sizes=(4096,), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
-    todo, skipped = bench.plan(bench.CONTRASTIVE, big, ("triton",))
+    big = bench.Config(points=(4096,), dim=512, dtype="float32", device="cpu", repeats=1, warmup=0)
+    todo, skipped = bench.plan(CONTRASTIVE, big, ("triton",))
     assert todo == [] and "under the interpreter" in skipped[0].note  # would take minutes
 
 
@@ -175,22 +178,18 @@ def test_a_failing_rung_becomes_a_note(monkeypatch):
     def broken(n, cfg):
         raise RuntimeError("kernel exploded")
 
-    fake = bench.Benchmark(
-        name="fake",
-        title="fake",
-        rungs=(
-            bench.Rung("pytorch", "pytorch", bench._prepare_pytorch, bench._bytes_pytorch, bench._grads_torch),
+    class Fake(bench.Benchmark):
+        name = "fake"
+        title = "fake"
+        rungs = (
+            CONTRASTIVE.rung("pytorch"),
             bench.Rung("broken", "broken", broken, lambda n, cfg: 0, lambda n, cfg: 0),
-        ),
-        baseline="pytorch",
-        gpu_sizes=(8,),
-        gpu_dim=8,
-        cpu_sizes=(8,),
-        cpu_dim=8,
-        cpu_defaults_why="",
-    )
+        )
+        baseline = "pytorch"
+
+    fake = Fake()
     monkeypatch.setitem(bench.BENCHMARKS, "fake", fake)
-    cfg = bench.Config(sizes=(8,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0, min_time_ms=0)
+    cfg = bench.Config(points=(8,), dim=8, dtype="float32", device="cpu", repeats=1, warmup=0, min_time_ms=0)
     results = bench.run_sweep(fake, cfg, isolate=False, progress=False)
     by_rung = {m.rung: m for m in results}
     assert by_rung["pytorch"].ok and by_rung["pytorch"].forward.median_ms > 0
@@ -285,21 +284,197 @@ def test_bench_help(capsys):
     assert "--sizes" in out and "8.6 GB" in flat(out)
 
 
+# --------------------------------------------------------------------------- tinymm bench attention
+
+
+def _rows(out: str, first: str) -> list[list[str]]:
+    """The table rows whose first cell starts with `first`, split into cells."""
+    return [re.split(r"\s{2,}", line.strip()) for line in out.splitlines() if line.startswith(first)]
+
+
+def test_bench_attention_end_to_end(tmp_path, capsys):
+    plot = tmp_path / "attention.png"
+    argv = ["attention", "--shapes", "12x20,16", "--head-dim", "16", "--batch-heads", "2", "--causal"]
+    argv += ["--repeats", "1", "--warmup", "0", "--min-time", "0", "--plot", str(plot), "--no-progress"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out, "cross 12x20 d16 causal") + _rows(out, "self 16x16 d16 causal")
+    # every rung at every shape, but the interpreted kernel only at the smallest (12 * 20 < 16 * 16)
+    assert [(row[0].split()[0], row[1]) for row in rows] == [
+        ("cross", "numpy (float64)"),
+        ("cross", "pytorch (matrix)"),
+        ("cross", "torch sdpa"),
+        ("cross", "triton *"),
+        ("self", "numpy (float64)"),
+        ("self", "pytorch (matrix)"),
+        ("self", "torch sdpa"),
+    ]
+    for row in rows:  # shape, rung, fwd ms, fwd x, fwd+bwd ms, fwd+bwd x, peak extra, excl. grads
+        assert len(row) == 8
+        for ms in (row[2], row[4]):
+            assert math.isfinite(float(ms)) and float(ms) > 0
+        assert row[6].endswith("B") and row[7].endswith("B")
+        expected = {"torch sdpa": "1x", "triton *": "-"}.get(row[1])  # ratios divide by SDPA's time
+        assert row[3] == expected if expected else row[3].endswith("x")
+    assert "TFLOP/s" not in out  # a CPU's rate is not the point of this table
+    assert "B*H = 2" in out and "torch sdpa rung's" in flat(out) and "NOT speed figures" in flat(out)
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_attention_shapes_are_the_books_and_long_ones():
+    book = bench_attention.parse_shapes("book", None, 4, False)
+    # the issue's shapes: 196 x 128 image-text, 64 x 256 Perceiver, Whisper's 1500 and 448 x 1500
+    assert {(s.lq, s.lk, s.d) for s in book} == {(128, 196, 64), (64, 256, 64), (1500, 1500, 64), (448, 1500, 64)}
+    assert all(s.batch_heads == 4 and not s.causal for s in book)
+    long = bench_attention.parse_shapes("long", None, 32, True)
+    assert [(s.lq, s.d) for s in long] == [(n, d) for d in (64, 128) for n in (1024, 2048, 4096, 8192, 16384)]
+    assert all(s.lq == s.lk and s.causal for s in long)
+    mixed = bench_attention.parse_shapes("perceiver, 448x1500 ,4096,4096", (32, 48), 1, False)
+    assert [(s.lq, s.lk, s.d) for s in mixed] == [
+        (64, 256, 32), (64, 256, 48), (448, 1500, 32), (448, 1500, 48), (4096, 4096, 32), (4096, 4096, 48)
+    ]  # --head-dim replaces each shape's D; a repeated shape runs once
+
+
+def test_attention_flops_count_the_visible_pairs(rng):
+    from chapters.ch02_attention import reference as ref
+
+    for _ in range(5):
+        lq, lk, d, bh = (int(x) for x in rng.integers(1, 40, size=4))
+        for causal in (False, True):
+            shape = AttentionShape("x", bh, lq, lk, d, causal)
+            pairs = int(ref.visible_mask(1, lq, lk, causal=causal).sum())  # the reference's own mask
+            assert shape.forward_flops() == 4 * bh * d * pairs  # QK^T and PV: 2 D flops per pair each
+    square = AttentionShape("self", 32, 4096, 4096, 64, True)
+    assert square.forward_flops() == pytest.approx(4 * 32 * 4096 * 4096 * 64 / 2, rel=1e-3)  # "halved"
+
+
+def test_attention_table_on_a_gpu_shows_tflops_against_counted_flops():
+    # The GPU layout, from measurements we made up: TFLOP/s must be FLOPs / time.
+    shape = AttentionShape("self", 32, 4096, 4096, 64, False)
+    cfg = bench.Config(points=(shape,), dtype="float16", device="cuda", repeats=1, warmup=0)
+    flops = 4 * 32 * 4096 * 4096 * 64
+    results = [
+        bench.Measurement("pytorch", shape, _t(40), _t(150), 2**31, 2**26),
+        bench.Measurement("sdpa", shape, _t(2), _t(8), 2**26, 2**26),
+        bench.Measurement("triton", shape, _t(2.5), _t(10), 2**26, 2**26),
+    ]
+    table = bench.format_table(ATTENTION, cfg, results)
+    header = re.split(r"\s{2,}", table.splitlines()[0].strip())
+    assert header[:8] == [
+        "shape", "rung", "fwd ms", "fwd x", "fwd TFLOP/s", "fwd+bwd ms", "fwd+bwd x", "fwd+bwd TFLOP/s"
+    ]
+    cells = {row[1]: row for row in _rows(table, "self 4096x4096 d64")}
+    assert float(cells["torch sdpa"][4]) == pytest.approx(flops / 2e-3 / 1e12, rel=1e-2)
+    assert float(cells["triton"][7]) == pytest.approx(3.5 * flops / 10e-3 / 1e12, rel=1e-2)
+    assert cells["triton"][3] == "1.25x" and cells["triton"][6] == "1.25x"  # on a GPU the kernel is in the ratios
+    assert "backward 2.5 times the forward" in flat(table)
+
+
+def test_attention_points_that_cannot_fit_are_skipped_with_a_note():
+    huge = AttentionShape("self", 1, 200_000, 200_000, 16, False)  # a 320 GB float64 score matrix
+    small = AttentionShape("self", 1, 32, 32, 16, False)
+    cfg = bench.Config(points=(small, huge), dtype="float32", device="cpu", repeats=1, warmup=0)
+    todo, skipped = bench.plan(ATTENTION, cfg, ("numpy", "pytorch", "sdpa", "triton"))
+    assert set(todo) == {(r, small) for r in ("numpy", "pytorch", "sdpa", "triton")} | {("sdpa", huge)}
+    assert {m.rung for m in skipped} == {"numpy", "pytorch"}
+    assert all(m.note.startswith("skipped: needs about") for m in skipped)
+    alone = bench.Config(points=(AttentionShape("self", 2, 1500, 1500, 64, False),), dtype="float32", device="cpu",
+                         repeats=1, warmup=0)
+    todo, skipped = bench.plan(ATTENTION, alone, ("triton",))
+    assert todo == [] and "under the interpreter" in skipped[0].note  # would take minutes
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_bench_attention_on_a_gpu(dtype, capsys):
+    argv = ["attention", "--shapes", "1024", "--head-dim", "64", "--batch-heads", "8", "--dtype", dtype]
+    assert bench.main(argv + ["--repeats", "3", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    rows = _rows(out, "self 1024x1024 d64")
+    assert [row[1] for row in rows] == ["numpy (float64)", "pytorch (matrix)", "torch sdpa", "triton"]
+    assert all(float(row[4]) > 0 for row in rows[1:])  # a TFLOP/s figure for each GPU rung
+    assert rows[3][3].endswith("x") and "NOT speed figures" not in flat(out)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["attention", "--shapes", "12xfoo"], "'12xfoo' is not a shape"),
+        (["attention", "--shapes", "0x12"], "lengths must be >= 1"),
+        (["attention", "--shapes", ","], "at least one shape"),
+        (["attention", "--head-dim", "64,abc"], "'abc' is not a whole number"),
+        (["attention", "--batch-heads", "0"], "must be >= 1"),
+        (["attention", "--rungs", "numpy,xformers"], "unknown rung"),
+        (["attention", "--sdpa-backend", "fast"], "invalid choice"),
+        (["attention", "--plot", "/no/such/folder/a.png"], "does not exist"),
+    ],
+)
+def test_bench_attention_bad_arguments_are_named(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only errors")
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["attention", "--dtype", "bfloat16"], "bfloat16 needs a CUDA GPU"),
+        (["attention", "--tf32"], "--tf32 applies to float32 on a CUDA GPU only"),
+        (["attention", "--sdpa-backend", "efficient"], "needs a CUDA GPU"),
+    ],
+)
+def test_bench_attention_gpu_only_options_fail_clearly_on_cpu(argv, message, capsys):
+    assert bench.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_bench_attention_help_names_the_shapes(capsys):
+    assert bench.main(["attention", "--help"]) == 0
+    out = flat(capsys.readouterr().out)
+    assert "--shapes" in out and "--causal" in out and "whisper-enc: 1500 x 1500" in out
+
+
 # --------------------------------------------------------------------------- tinymm tour
 
 
-def test_tour_quick_runs_and_every_check_holds(capsys):
-    assert tour.main(["--quick"]) == 0
-    out = capsys.readouterr().out
-    assert "FAIL" not in out
-    assert out.count(" ok") >= 3  # two rungs against the reference, the gradient check
-    assert "chapters/ch04_contrastive/README.md" in out
+def test_tour_quick_runs_and_every_check_holds():
+    # In a fresh process, as `make demo` runs it: FlopCounterMode (chapter 1's stop) makes torch
+    # import Triton, and the kernels of the next stops need it in interpreter mode on a CPU. In
+    # this test process conftest imported `kernels` first, so only a fresh one shows the tour
+    # arranges that itself.
+    import subprocess
+    import sys
+
+    code = "import sys; from tiny_mm import tour; sys.exit(tour.main(['--quick']))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    out = done.stdout
+    assert done.returncode == 0, out[-3000:] + done.stderr[-2000:]
+    assert "FAIL" not in out and "3 of 3 stop(s) checked out" in out
+    # chapter 1: three strategies against FlopCounterMode and the 196 x 128 claim; chapter 2: two rungs
+    # under four masks and the gradient check; chapter 4: two rungs and the gradient check
+    assert out.count(" ok") >= 4 + 8 + 1 + 3
+    chapters = [line.split("Read: ")[1].split()[0] for line in out.splitlines() if "Read: " in line]
+    assert chapters == [  # book order
+        "chapters/ch01_fusion/README.md",
+        "chapters/ch02_attention/README.md",
+        "chapters/ch04_contrastive/README.md",
+    ]
     assert "NOT speed figures" in flat(out)
+
+
+def test_tour_stops_fail_loudly(monkeypatch, capsys):
+    # A stop whose check does not hold must turn the tour's exit code, and say so.
+    from tiny_mm import attention
+
+    monkeypatch.setattr(attention, "scaled_dot_product_attention", lambda q, k, v, **kw: q)
+    assert tour.main(["--quick", "--only", "attention"]) == 1
+    assert "FAIL" in capsys.readouterr().out
 
 
 def test_tour_list_and_unknown_stop(capsys):
     assert tour.main(["--list"]) == 0
-    assert "contrastive" in capsys.readouterr().out
+    listed = capsys.readouterr().out
+    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "contrastive"]
     assert tour.main(["--only", "nowhere"]) == 2
     assert "unknown stop" in capsys.readouterr().err
 

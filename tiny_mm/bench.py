@@ -1,15 +1,19 @@
 """`tinymm bench NAME`: time the rungs of a chapter side by side.
 
-    tinymm bench contrastive [--sizes N,N,...] [--dim 512] [--dtype float32]
-                             [--repeats R] [--warmup W] [--plot FILE] [--no-backward]
+    tinymm bench contrastive [--sizes N,N,...] [--dim 512] ...     (chapter 4)
+    tinymm bench attention [--shapes book|long|LqxLk,...] ...      (chapter 2)
+    tinymm bench NAME --help                                       (every option)
 
-Each benchmark is a `Benchmark` in the `BENCHMARKS` registry: a list of
-`Rung`s (NumPy reference, PyTorch, Triton, ...) that each know how to build
-their forward and forward+backward calls for a problem size N, and how many
-bytes that will take. The sweep, the table and the plot are shared, so a new
-chapter adds its benchmark by registering one more entry.
+This module is the harness every benchmark shares: the sweep, the table, the
+plot and the command line. Each chapter's benchmark is a `Benchmark` subclass
+in its own module (`tiny_mm.bench_contrastive`, `tiny_mm.bench_attention`),
+registered in `BENCHMARKS`: a list of `Rung`s (NumPy reference, PyTorch,
+Triton, ...) that each know how to build their forward and forward+backward
+calls for one point of the sweep (a batch size N, an attention shape, ...) and
+how many bytes that will take. A new chapter adds a module and one line to
+`CHAPTER_MODULES`.
 
-How each (rung, N) point is measured:
+How each (rung, point) is measured:
 - time: `tiny_mm.timing.time_it`, median of `repeats` calls after `warmup`;
 - memory, of forward+backward (forward alone with --no-backward), measured on
   the call after one warm-up call, before the timed ones: on a GPU, peak
@@ -17,12 +21,15 @@ How each (rung, N) point is measured:
   a CPU (and for the NumPy rung everywhere), each point runs in a fresh child
   process and reports the growth of its peak RSS over its RSS once the inputs
   exist;
-- a point whose estimated memory does not fit is skipped with a note, and a
+- a point whose estimated memory does not fit, or that would take minutes (the
+  Triton interpreter, the NumPy rung beside a GPU), is skipped with a note; a
   point that fails (out of memory, a bug) becomes a note: the sweep goes on.
 """
 from __future__ import annotations
 
 import argparse
+import importlib
+import math
 import os
 import platform
 import sys
@@ -38,6 +45,8 @@ __all__ = [
     "Benchmark",
     "Measurement",
     "BENCHMARKS",
+    "benchmarks",
+    "plan",
     "run_sweep",
     "format_table",
     "save_plot",
@@ -45,15 +54,18 @@ __all__ = [
 ]
 
 DTYPES = ("float32", "float16", "bfloat16")
+ELEMENT_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 GiB = 1024**3
+
+# The modules that register a benchmark, imported on first need (see `benchmarks()`).
+CHAPTER_MODULES = ("tiny_mm.bench_contrastive", "tiny_mm.bench_attention")
 
 
 @dataclass(frozen=True)
 class Config:
     """One sweep's settings (picklable: it travels to the measuring child processes)."""
 
-    sizes: tuple[int, ...]
-    dim: int
+    points: tuple[Any, ...]  # the sweep: batch sizes N (contrastive), AttentionShapes (attention)
     dtype: str  # one of DTYPES; the NumPy rung always computes in float64
     device: str  # "cpu" or "cuda"
     repeats: int
@@ -63,10 +75,12 @@ class Config:
     threads: int | None = None  # cap torch's and OpenBLAS's threads (None: their defaults)
     tf32: bool = False  # float32 on a GPU: let matmuls round inputs to TF32 (both rungs alike)
     seed: int = 0
+    dim: int = 0  # contrastive: the embedding width d (attention shapes carry their own head dim)
+    sdpa_backend: str = "auto"  # attention: the backend torch's SDPA rung is held to
 
 
-# prepare(n, config) -> (forward, forward_and_backward or None)
-Prepare = Callable[[int, Config], "tuple[Callable[[], Any], Callable[[], Any] | None]"]
+# prepare(point, config) -> (forward, forward_and_backward or None)
+Prepare = Callable[[Any, Config], "tuple[Callable[[], Any], Callable[[], Any] | None]"]
 
 
 @dataclass(frozen=True)
@@ -76,25 +90,32 @@ class Rung:
     name: str  # short, used in --rungs and the table
     label: str  # what the table prints
     prepare: Prepare  # a module-level function: child processes look it up by name
-    bytes_needed: Callable[[int, Config], int]  # estimate of the peak memory of forward+backward
+    bytes_needed: Callable[[Any, Config], int]  # estimate of the peak memory of forward+backward
     # bytes of what forward+backward must hand back (the gradients): any implementation
     # needs them, so the table also shows the peak without them, the true workspace
-    result_bytes: Callable[[int, Config], int]
+    result_bytes: Callable[[Any, Config], int]
     triton: bool = False  # runs under the Triton interpreter when there is no GPU
     host: bool = False  # computes on the CPU whatever the device (NumPy): memory is its RSS growth
 
 
-@dataclass(frozen=True)
 class Benchmark:
+    """One chapter's benchmark: its rungs and how its points are named, counted and chosen.
+
+    Subclasses set the class attributes and override the methods that differ;
+    the defaults suit a sweep over one whole number N.
+    """
+
     name: str
     title: str
     rungs: tuple[Rung, ...]
     baseline: str  # the rung the ratios divide by
-    gpu_sizes: tuple[int, ...]
-    gpu_dim: int
-    cpu_sizes: tuple[int, ...]
-    cpu_dim: int
-    cpu_defaults_why: str  # printed in --help and the header: why the CPU defaults are smaller
+    point_header: str = "N"  # the table's first column
+    grads_what: str = "the gradients"  # what "excl. grads" subtracts, for the footnote
+    # Beyond this much `work` one call under the Triton interpreter takes minutes.
+    interpreter_max_work: float = math.inf
+    # Beyond this much `work` the NumPy rung is skipped when a GPU is measured (seconds a call).
+    host_max_work: float = math.inf
+    cpu_defaults_why: str = ""  # printed in --help and the header: why the CPU defaults are smaller
 
     def rung(self, name: str) -> Rung:
         for rung in self.rungs:
@@ -102,24 +123,60 @@ class Benchmark:
                 return rung
         raise KeyError(name)
 
+    def label(self, point: Any) -> str:
+        """A point as the table prints it."""
+        return f"{point:,}"
+
+    def work(self, point: Any, cfg: Config) -> float:
+        """Forward work of a point (FLOPs, or a number proportional to them): what limits are set in."""
+        return float(point)
+
+    def flops(self, point: Any, cfg: Config, backward: bool) -> float | None:
+        """Exact floating-point operations of one call, when the benchmark counts them (TFLOP/s on a GPU)."""
+        return None
+
+    def default_dtype(self, device: str) -> str:
+        return "float32"
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """The benchmark's own options (what the sweep is over)."""
+
+    def configure(self, args: argparse.Namespace, device: str) -> tuple[dict[str, Any], bool]:
+        """Config fields from the options (ValueError names a bad one), and whether the defaults were used."""
+        raise NotImplementedError
+
+    def epilog(self) -> str:
+        return ""
+
+    def describe(self, cfg: Config) -> list[str]:
+        """Header lines saying what was swept."""
+        return [f"points: {', '.join(self.label(p) for p in cfg.points)}"]
+
+    def footnotes(self, cfg: Config) -> list[str]:
+        return []
+
+    def plot_axis(self, points: list[Any]) -> tuple[list[float], list[str], bool, str]:
+        """x positions, tick labels, whether the axis is logarithmic, and its title."""
+        return [float(p) for p in points], [self.label(p) for p in points], True, self.point_header
+
 
 @dataclass
 class Measurement:
-    """What one (rung, N) point gave. `note` says why a figure is missing."""
+    """What one (rung, point) gave. `note` says why a figure is missing."""
 
     rung: str
-    n: int
+    point: Any
     forward: timing.Timing | None = None
     forward_backward: timing.Timing | None = None
     peak_extra_bytes: int | None = None
     result_bytes: int = 0  # of which the gradients the call returns
+    note: str | None = None
 
     @property
     def workspace_bytes(self) -> int | None:
         if self.peak_extra_bytes is None:
             return None
         return max(0, self.peak_extra_bytes - self.result_bytes)
-    note: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -134,158 +191,31 @@ def register(benchmark: Benchmark) -> Benchmark:
     return benchmark
 
 
-# ---------------------------------------------------------------------------
-# The contrastive loss (chapter 4)
-
-DEFAULT_LOGIT_SCALE = 1 / 0.07  # CLIP's initial scale
-
-
-def _unit_rows(n: int, d: int, seed: int) -> tuple[Any, Any]:
-    """Fresh random L2-normalised image and text rows, (N, d) float64 NumPy arrays."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    image = rng.standard_normal((n, d))
-    text = image + 0.5 * rng.standard_normal((n, d))  # matched pairs point roughly the same way
-    image /= np.linalg.norm(image, axis=1, keepdims=True)
-    text /= np.linalg.norm(text, axis=1, keepdims=True)
-    return image, text
+def benchmarks() -> dict[str, Benchmark]:
+    """Every registered benchmark (importing the chapters' benchmark modules the first time)."""
+    for module in CHAPTER_MODULES:
+        importlib.import_module(module)
+    return BENCHMARKS
 
 
-def _prepare_numpy(n: int, cfg: Config):
-    from chapters.ch04_contrastive import reference as ref
-
-    image, text = _unit_rows(n, cfg.dim, cfg.seed)
-    s = DEFAULT_LOGIT_SCALE
-
-    def forward():
-        return ref.clip_loss(image, text, s)
-
-    def forward_backward():
-        # The reference's gradient recomputes the logits itself, as autograd would not:
-        # a fair "what a NumPy user runs" figure, not a minimal one.
-        return ref.clip_loss(image, text, s), ref.clip_loss_grad(image, text, s)
-
-    return forward, (forward_backward if cfg.backward else None)
-
-
-def _torch_inputs(n: int, cfg: Config):
-    import torch
-
-    image, text = _unit_rows(n, cfg.dim, cfg.seed)
-    dtype = getattr(torch, cfg.dtype)
-    as_tensor = lambda a: torch.from_numpy(a).to(device=cfg.device, dtype=dtype).contiguous()  # noqa: E731
-    plain = (as_tensor(image), as_tensor(text), torch.tensor(DEFAULT_LOGIT_SCALE, device=cfg.device))
-    leaves = tuple(t.clone().requires_grad_(True) for t in plain)  # separate copies for fwd+bwd
-    return plain, leaves
-
-
-def _prepare_autograd(loss_fn: Callable, n: int, cfg: Config):
-    import torch
-
-    plain, leaves = _torch_inputs(n, cfg)
-
-    def forward():
-        with torch.no_grad():
-            return loss_fn(*plain)
-
-    def forward_backward():
-        for t in leaves:
-            t.grad = None  # no accumulation across repeats
-        loss = loss_fn(*leaves)
-        loss.backward()
-        return loss
-
-    return forward, (forward_backward if cfg.backward else None)
-
-
-def _prepare_pytorch(n: int, cfg: Config):
-    import torch
-
-    from tiny_mm.contrastive import clip_loss
-
-    if cfg.device == "cuda":  # a process-wide switch; set it either way so earlier runs do not leak in
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-    return _prepare_autograd(clip_loss, n, cfg)
-
-
-def _prepare_triton(n: int, cfg: Config):
-    import functools
-
-    import kernels
-
-    loss = functools.partial(kernels.clip_loss, allow_tf32=cfg.tf32) if cfg.tf32 else kernels.clip_loss
-    return _prepare_autograd(loss, n, cfg)
-
-
-def _elt(cfg: Config) -> int:
-    return {"float32": 4, "float16": 2, "bfloat16": 2}[cfg.dtype]
-
-
-def _bytes_numpy(n: int, cfg: Config) -> int:
-    # clip_loss_grad holds about six (N, N) float64 arrays at its peak
-    # (cosine, logits, two softmaxes with their temporaries, the identity, G).
-    matrices = 6 if cfg.backward else 3
-    return matrices * 8 * n * n + 4 * 8 * n * cfg.dim
-
-
-def _bytes_pytorch(n: int, cfg: Config) -> int:
-    # logits, the transposed copy, two log-softmaxes and their gradients: about
-    # eight (N, N) matrices (measured on CPU), counted at 4 bytes even for
-    # 16-bit inputs to stay on the safe side.
-    matrices = 8 if cfg.backward else 4
-    return matrices * 4 * n * n + 6 * _elt(cfg) * n * cfg.dim
-
-
-def _grads_numpy(n: int, cfg: Config) -> int:
-    return 2 * 8 * n * cfg.dim if cfg.backward else 0  # d_image, d_text in float64
-
-
-def _grads_torch(n: int, cfg: Config) -> int:
-    return 2 * _elt(cfg) * n * cfg.dim + 4 if cfg.backward else 0  # image.grad, text.grad, scale.grad
-
-
-def _bytes_triton(n: int, cfg: Config) -> int:
-    # never an (N, N) matrix: inputs, gradients, and a few floats per row
-    return 6 * _elt(cfg) * n * cfg.dim + 16 * 4 * n
-
-
-CONTRASTIVE = register(
-    Benchmark(
-        name="contrastive",
-        title="CLIP contrastive loss (chapter 4)",
-        rungs=(
-            Rung("numpy", "numpy (float64)", _prepare_numpy, _bytes_numpy, _grads_numpy, host=True),
-            Rung("pytorch", "pytorch", _prepare_pytorch, _bytes_pytorch, _grads_torch),
-            Rung("triton", "triton", _prepare_triton, _bytes_triton, _grads_torch, triton=True),
-        ),
-        baseline="pytorch",
-        gpu_sizes=tuple(2**k for k in range(10, 16)),  # 1,024 .. 32,768
-        gpu_dim=512,
-        cpu_sizes=(256, 512, 1024, 2048),
-        cpu_dim=512,
-        cpu_defaults_why=(
-            "on a CPU the defaults stop at N = 2,048: the NumPy rung at N = 32,768 would "
-            "build 8.6 GB float64 (N, N) matrices, several at once, and each point would take minutes"
-        ),
-    )
-)
+def element_bytes(cfg: Config) -> int:
+    return ELEMENT_BYTES[cfg.dtype]
 
 
 # ---------------------------------------------------------------------------
 # The sweep
 
 
-def _measure_point(bench_name: str, rung_name: str, n: int, cfg: Config) -> Measurement:
-    """Build the inputs of one (rung, N) point, measure its peak extra memory, then time it.
+def _measure_point(bench_name: str, rung_name: str, point: Any, cfg: Config) -> Measurement:
+    """Build the inputs of one (rung, point), measure its peak extra memory, then time it.
 
     On a CPU (and for the NumPy rung anywhere) this runs in a fresh child
     process, so the memory figure is not polluted by earlier points. Memory is
     measured on the second call (the first warms up code paths), before the
     timed calls.
     """
-    rung = BENCHMARKS[bench_name].rung(rung_name)
-    forward, forward_backward = rung.prepare(n, cfg)
+    rung = benchmarks()[bench_name].rung(rung_name)
+    forward, forward_backward = rung.prepare(point, cfg)
     if cfg.threads:
         timing.limit_threads(cfg.threads)
     biggest = forward_backward or forward
@@ -307,12 +237,7 @@ def _measure_point(bench_name: str, rung_name: str, n: int, cfg: Config) -> Meas
         import torch
 
         torch.cuda.empty_cache()  # hand cached blocks back, so the next point starts from the same place
-    return Measurement(rung_name, n, fwd, fb, peak, rung.result_bytes(n, cfg))
-
-
-# The interpreter needs a few seconds at N = 256, d = 512 and grows as N^2 * d:
-# beyond this much work one call takes minutes.
-INTERPRETER_MAX_WORK = 512 * 512 * 512
+    return Measurement(rung_name, point, fwd, fb, peak, rung.result_bytes(point, cfg))
 
 
 def available_bytes(device: str) -> int | None:
@@ -331,41 +256,36 @@ def available_bytes(device: str) -> int | None:
     return None
 
 
-def plan(bench: Benchmark, cfg: Config, rungs: tuple[str, ...]) -> tuple[list[tuple[str, int]], list[Measurement]]:
-    """Which (rung, N) points to run, and the ones skipped (as measurements with a note)."""
+def plan(bench: Benchmark, cfg: Config, rungs: tuple[str, ...]) -> tuple[list[tuple[str, Any]], list[Measurement]]:
+    """Which (rung, point) pairs to run, and the ones skipped (as measurements with a note)."""
     free_device, free_host = available_bytes(cfg.device), available_bytes("cpu")
-    todo: list[tuple[str, int]] = []
+    todo: list[tuple[str, Any]] = []
     skipped: list[Measurement] = []
-    smallest = min(cfg.sizes)
-    for n in cfg.sizes:
+    smallest = min(cfg.points, key=lambda p: bench.work(p, cfg))
+    for point in cfg.points:
+        work = bench.work(point, cfg)
         for name in rungs:
             rung = bench.rung(name)
+            skip = lambda why: skipped.append(Measurement(name, point, note=f"skipped: {why}"))  # noqa: E731
             if rung.triton and cfg.device != "cuda":
-                if n != smallest:
+                if point != smallest:
                     continue  # the interpreter: one small point shows it runs; see the footnote
-                if n * n * cfg.dim > INTERPRETER_MAX_WORK:
-                    skipped.append(
-                        Measurement(
-                            name,
-                            n,
-                            note=f"skipped: under the interpreter N = {n:,}, d = {cfg.dim} would take minutes "
-                            f"(it runs when N^2 * d <= {INTERPRETER_MAX_WORK:,}, e.g. --sizes 256)",
-                        )
+                if work > bench.interpreter_max_work:
+                    skip(
+                        f"under the interpreter {bench.label(point)} would take minutes (it runs when the "
+                        f"work is at most {bench.interpreter_max_work:,.0f}, here {work:,.0f}): pick a smaller point"
                     )
                     continue
-            need = rung.bytes_needed(n, cfg)
+            if rung.host and cfg.device == "cuda" and work > bench.host_max_work:
+                skip(f"the NumPy rung would take many seconds a call here (work {work:.2g}); it runs up to "
+                     f"{bench.host_max_work:.2g}")
+                continue
+            need = rung.bytes_needed(point, cfg)
             free = free_host if rung.host else free_device
             if free is not None and need > 0.8 * free:
-                skipped.append(
-                    Measurement(
-                        name,
-                        n,
-                        note=f"skipped: needs about {timing.format_bytes(need)}, "
-                        f"{timing.format_bytes(free)} free",
-                    )
-                )
+                skip(f"needs about {timing.format_bytes(need)}, {timing.format_bytes(free)} free")
                 continue
-            todo.append((name, n))
+            todo.append((name, point))
     return todo, skipped
 
 
@@ -377,7 +297,7 @@ def run_sweep(
     isolate: bool | None = None,
     progress: bool = True,
 ) -> list[Measurement]:
-    """Measure every (rung, N) point of `cfg`; a point that fails becomes a note, never a crash.
+    """Measure every (rung, point) of `cfg`; a point that fails becomes a note, never a crash.
 
     isolate: measure each point in a fresh child process (the default on a CPU,
     where it is how peak memory is measured).
@@ -388,19 +308,20 @@ def run_sweep(
     isolate = cfg.device != "cuda" if isolate is None else isolate
     todo, results = plan(bench, cfg, rungs)
     bar = tqdm(todo, desc=f"bench {bench.name}", unit="point", file=sys.stderr, disable=not progress, leave=False)
-    for name, n in bar:
-        bar.set_postfix_str(f"{name} N={n}")
+    for name, point in bar:
+        bar.set_postfix_str(f"{name} {bench.label(point)}")
         try:
             if isolate or bench.rung(name).host:  # host memory is measured in a fresh child
-                m = timing.run_in_child(_measure_point, bench.name, name, n, cfg)
+                m = timing.run_in_child(_measure_point, bench.name, name, point, cfg)
             else:
-                m = _measure_point(bench.name, name, n, cfg)
+                m = _measure_point(bench.name, name, point, cfg)
         except Exception as err:  # report and go on: one broken rung must not hide the others
             msg = str(err).strip().splitlines()
-            m = Measurement(name, n, note=f"failed: {type(err).__name__}: {msg[0] if msg else ''}")
+            m = Measurement(name, point, note=f"failed: {type(err).__name__}: {msg[0] if msg else ''}")
         results.append(m)
     order = {name: i for i, name in enumerate(rungs)}
-    results.sort(key=lambda m: (m.n, order[m.rung]))
+    where = {point: i for i, point in enumerate(cfg.points)}
+    results.sort(key=lambda m: (where[m.point], order[m.rung]))
     return results
 
 
@@ -431,32 +352,49 @@ def _ms(t: timing.Timing | None) -> str:
     return f"{t.median_ms:.3g}" if t.median_ms < 100 else f"{t.median_ms:.0f}"
 
 
+def _tflops(flops: float | None, t: timing.Timing | None) -> str:
+    if flops is None or t is None or t.median_ms <= 0:
+        return "-"
+    return f"{flops / (t.median_ms * 1e-3) / 1e12:.3g}"
+
+
+def shows_tflops(bench: Benchmark, cfg: Config) -> bool:
+    """TFLOP/s columns: on a GPU, for a benchmark that counts its FLOPs (a CPU's figure is not the point)."""
+    return cfg.device == "cuda" and bool(cfg.points) and bench.flops(cfg.points[0], cfg, False) is not None
+
+
 def format_table(bench: Benchmark, cfg: Config, results: list[Measurement]) -> str:
     """The results as a fixed-width table with footnotes."""
     interpreted = cfg.device != "cuda"
-    base = {m.n: m for m in results if m.rung == bench.baseline and m.ok}
+    tflops = shows_tflops(bench, cfg)
+    base = {m.point: m for m in results if m.rung == bench.baseline and m.ok}
 
     def ratio(m: Measurement, attr: str) -> str:
         rung = bench.rung(m.rung)
-        b = base.get(m.n)
+        b = base.get(m.point)
         mine, theirs = getattr(m, attr), getattr(b, attr) if b else None
         if (rung.triton and interpreted) or mine is None or theirs is None or theirs.median_ms == 0:
             return "-"
         return f"{mine.median_ms / theirs.median_ms:.3g}x"
 
-    headers = ["N", "rung", "fwd ms", "fwd x"]
+    headers = [bench.point_header, "rung", "fwd ms", "fwd x"] + (["fwd TFLOP/s"] if tflops else [])
     if cfg.backward:
-        headers += ["fwd+bwd ms", "fwd+bwd x"]
+        headers += ["fwd+bwd ms", "fwd+bwd x"] + (["fwd+bwd TFLOP/s"] if tflops else [])
     headers += ["peak extra"] + (["excl. grads"] if cfg.backward else [])
     rows, notes = [], []
     for m in results:
         rung = bench.rung(m.rung)
         label = rung.label + (" *" if rung.triton and interpreted else "")
+        host = rung.host  # the NumPy rung's TFLOP/s would be the host's, beside a GPU's: left out
         if not m.ok:
-            notes.append(f"  {rung.label} at N = {m.n:,}: {m.note}")
-        row = [f"{m.n:,}", label, _ms(m.forward), ratio(m, "forward")]
+            notes.append(f"  {rung.label} at {bench.label(m.point)}: {m.note}")
+        row = [bench.label(m.point), label, _ms(m.forward), ratio(m, "forward")]
+        if tflops:
+            row += [_tflops(None if host else bench.flops(m.point, cfg, False), m.forward)]
         if cfg.backward:
             row += [_ms(m.forward_backward), ratio(m, "forward_backward")]
+            if tflops:
+                row += [_tflops(None if host else bench.flops(m.point, cfg, True), m.forward_backward)]
         if m.ok:
             row += [timing.format_bytes(m.peak_extra_bytes)]
             row += [timing.format_bytes(m.workspace_bytes)] if cfg.backward else []
@@ -464,34 +402,37 @@ def format_table(bench: Benchmark, cfg: Config, results: list[Measurement]) -> s
             row += [(m.note or "").split(":")[0]] + (["-"] if cfg.backward else [])
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    left = {1} if bench.point_header == "N" else {0, 1}  # names line up on the left, numbers on the right
     align = lambda cells: "  ".join(  # noqa: E731
-        c.ljust(w) if i == 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
+        c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))
     )
-    lines = [align(headers), align(["-" * w for w in widths])]
-    previous_n = None
+    table = [align(headers), align(["-" * w for w in widths])]
+    previous = None
     for m, row in zip(results, rows):
-        if previous_n is not None and m.n != previous_n:
-            lines.append("")
-        previous_n = m.n
-        lines.append(align(row))
-    table = lines
-    lines = []  # the footnotes, wrapped below
-    lines.append(f"x: time divided by the {bench.baseline} rung's at the same N (lower is faster).")
+        if previous is not None and m.point != previous:
+            table.append("")
+        previous = m.point
+        table.append(align(row))
+
+    baseline = bench.rung(bench.baseline).label
+    lines = [f"x: time divided by the {baseline} rung's at the same {bench.point_header} (lower is faster)."]
     memory_note = timing.GPU_MEMORY_NOTE if cfg.device == "cuda" else timing.CPU_MEMORY_NOTE
     lines.append(f"peak extra ({'fwd+bwd' if cfg.backward else 'fwd'}): {memory_note}.")
     if cfg.backward:
         lines.append(
-            "excl. grads: peak extra minus the gradients the call hands back (d_image, d_text: 2*N*d values), "
+            f"excl. grads: peak extra minus the gradients the call hands back ({bench.grads_what}), "
             "which every implementation must produce: the workspace it needs on top."
         )
+    lines += bench.footnotes(cfg)
     if cfg.device == "cuda" and any(bench.rung(m.rung).host for m in results):
         lines.append(f"  the NumPy rung runs on the host: its figure is the {timing.RSS_MEMORY_WHAT}.")
     if interpreted and any(bench.rung(m.rung).triton for m in results):
-        smallest = min(cfg.sizes)
+        smallest = min(cfg.points, key=lambda p: bench.work(p, cfg))
         lines.append(
             "* Triton ran under its interpreter (TRITON_INTERPRET=1, no CUDA GPU): it executes the "
             "kernel in NumPy, one program after another, so its timings are NOT speed figures; it is "
-            f"left out of the ratios, and run once, only at the smallest N ({smallest:,}), to show it works."
+            f"left out of the ratios, and run once, only at the smallest {bench.point_header} "
+            f"({bench.label(smallest)}), to show it works."
         )
     if notes:
         lines.append("notes:")
@@ -508,30 +449,37 @@ def header(bench: Benchmark, cfg: Config, defaults_used: bool) -> str:
 
     lines = [
         f"tinymm bench {bench.name}: {bench.title}",
-        f"device: {device_description(cfg.device)} | torch {torch.__version__} | d = {cfg.dim} | "
+        f"device: {device_description(cfg.device)} | torch {torch.__version__} | "
         f"dtype {cfg.dtype}{' (TF32 matmuls)' if cfg.tf32 else ''} (NumPy rung: float64)",
-        f"timing: median of at least {cfg.repeats} call(s), and of at least {cfg.min_time_ms:.0f} ms "
-        f"of calls, after {cfg.warmup} warm-up call(s)"
+        f"timing: median of at least {cfg.repeats} call(s) and {cfg.min_time_ms:.0f} ms of calls, "
+        f"after {cfg.warmup} warm-up call(s)"
         + (f"; {cfg.threads} CPU thread(s)" if cfg.threads else ""),
-        f"sizes: N = {', '.join(f'{n:,}' for n in cfg.sizes)}",
     ]
-    if defaults_used and cfg.device != "cuda":
-        lines.append(f"note: {bench.cpu_defaults_why}; pass --sizes to choose others.")
+    lines += bench.describe(cfg)
+    if defaults_used and cfg.device != "cuda" and bench.cpu_defaults_why:
+        lines.append(f"note: {bench.cpu_defaults_why}.")
     if cfg.device != "cuda" and not cfg.threads:
         lines.append("note: if the figures jump around, another program is busy: --threads 1 steadies them.")
-    return "\n".join(lines)
+    return "\n".join(textwrap.fill(line, width=100, subsequent_indent="  ") for line in lines)
 
 
 def save_plot(bench: Benchmark, cfg: Config, results: list[Measurement], path: str) -> None:
-    """Time and peak extra memory against N, log-log, one line per rung (Agg backend, no display)."""
+    """Time and peak extra memory (and TFLOP/s on a GPU) per point, one line per rung (Agg, no display)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import NullFormatter
 
-    fig = Figure(figsize=(11, 4.2))
+    tflops = shows_tflops(bench, cfg)
+    fig = Figure(figsize=(16 if tflops else 11, 4.6))
     FigureCanvasAgg(fig)
-    ax_time, ax_mem = fig.subplots(1, 2)
+    axes = fig.subplots(1, 3 if tflops else 2)
+    ax_time, ax_mem = axes[0], axes[1]
     attr = "forward_backward" if cfg.backward else "forward"
+    measured = [p for p in cfg.points if any(m.point == p and m.ok for m in results)]
+    xs, ticks, log_x, xlabel = bench.plot_axis(measured)
+    x_of = dict(zip(measured, xs))
+    # points on a numeric axis (N) make a curve; named shapes do not: markers only
+    style = dict(marker="o") if log_x else dict(marker="o", linestyle="none", markersize=7)
     for rung in bench.rungs:
         points = [m for m in results if m.rung == rung.name and m.ok]
         if not points:
@@ -541,23 +489,34 @@ def save_plot(bench: Benchmark, cfg: Config, results: list[Measurement], path: s
             label += " (interpreter: not a speed figure)"
         if rung.host and cfg.device == "cuda":
             label += " (on the host; memory: RSS)"
-        ns = [m.n for m in points]
-        ax_time.plot(ns, [getattr(m, attr).median_ms for m in points], marker="o", label=label)
-        mem = [(m.n, m.peak_extra_bytes / 2**20) for m in points if m.peak_extra_bytes]
+        x = [x_of[m.point] for m in points]
+        ax_time.plot(x, [getattr(m, attr).median_ms for m in points], label=label, **style)
+        mem = [(x_of[m.point], m.peak_extra_bytes / 2**20) for m in points if m.peak_extra_bytes]
         if mem:
-            ax_mem.plot(*zip(*mem), marker="o", label=label)
+            ax_mem.plot(*zip(*mem), label=label, **style)
+        if tflops and not rung.host:
+            seconds = [getattr(m, attr).median_ms * 1e-3 for m in points]
+            rate = [bench.flops(m.point, cfg, cfg.backward) / s / 1e12 for m, s in zip(points, seconds)]
+            axes[2].plot(x, rate, label=label, **style)
     what = "forward+backward" if cfg.backward else "forward"
-    ax_time.set(xscale="log", yscale="log", xlabel="N (batch size)", ylabel=f"{what} time, ms (median)")
-    ax_mem.set(xscale="log", yscale="log", xlabel="N (batch size)", ylabel="peak extra memory, MiB")
-    ax_time.set_title(f"{bench.title}: time, d = {cfg.dim}, {cfg.dtype}", fontsize=10)
+    ax_time.set(yscale="log", ylabel=f"{what} time, ms (median)")
+    ax_mem.set(yscale="log", ylabel="peak extra memory, MiB")
+    ax_time.set_title(f"{bench.title}: time, {cfg.dtype}", fontsize=10)
     ax_mem.set_title(
         "memory: " + ("max_memory_allocated growth" if cfg.device == "cuda" else "peak RSS growth (child process)"),
         fontsize=10,
     )
-    measured = sorted({m.n for m in results if m.ok})
-    for ax in (ax_time, ax_mem):
-        if measured:  # label the sizes that were run, not powers of ten
-            ax.set_xticks(measured, [f"{n:,}" for n in measured])
+    if tflops:
+        axes[2].set(ylabel=f"{what} TFLOP/s")
+        axes[2].set_title("throughput (counted FLOPs / median time)", fontsize=10)
+    for ax in axes:
+        ax.set_xlabel(xlabel)
+        if log_x:
+            ax.set_xscale("log")
+        elif xs:
+            ax.set_xlim(min(xs) - 0.5, max(xs) + 0.5)  # room for the end labels
+        if measured:  # label the points that were run, not powers of ten
+            ax.set_xticks(xs, ticks, rotation=0 if log_x else 30, ha="center" if log_x else "right", fontsize=8)
             ax.set_xticks([], minor=True)
         ax.yaxis.set_minor_formatter(NullFormatter())  # decades only: the minor labels crowd the axis
         ax.grid(True, which="both", alpha=0.3)
@@ -587,25 +546,9 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(status)
 
 
-def _sizes(text: str) -> tuple[int, ...]:
-    sizes = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            n = int(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"{part!r} is not a whole number (give sizes as N,N,... e.g. 1024,2048)"
-            ) from None
-        if n < 1:
-            raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {n}")
-        sizes.append(n)
-    if not sizes:
-        raise argparse.ArgumentTypeError("give at least one size")
-    return tuple(sorted(set(sizes)))
+def positive(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= minimum."""
 
-
-def _positive(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -624,39 +567,38 @@ def build_parser() -> _Parser:
         description="Time the NumPy, PyTorch and Triton rungs of a chapter side by side.",
     )
     sub = parser.add_subparsers(dest="benchmark", metavar="BENCHMARK", parser_class=_Parser)
-    for bench in BENCHMARKS.values():
+    for bench in benchmarks().values():
         p = sub.add_parser(
             bench.name,
             help=bench.title,
             description=f"{bench.title}. Rungs: {', '.join(r.name for r in bench.rungs)}.",
-            epilog=f"Defaults: on a GPU N = {', '.join(map(str, bench.gpu_sizes))} and d = {bench.gpu_dim}; "
-            f"on a CPU N = {', '.join(map(str, bench.cpu_sizes))} and d = {bench.cpu_dim} "
-            f"({bench.cpu_defaults_why}).",
+            epilog=bench.epilog(),
         )
-        p.add_argument("--sizes", type=_sizes, help="comma-separated batch sizes N")
-        p.add_argument("--dim", type=_positive(1), help="embedding width d")
-        p.add_argument("--dtype", default="float32", choices=DTYPES, help="dtype of the PyTorch and Triton rungs")
-        p.add_argument("--repeats", type=_positive(1), help="timed calls per point (median reported)")
-        p.add_argument("--warmup", type=_positive(0), help="untimed calls before timing")
+        bench.add_arguments(p)
+        p.add_argument(
+            "--dtype",
+            choices=DTYPES,
+            help=f"dtype of the PyTorch and Triton rungs (default: {bench.default_dtype('cuda')} on a GPU, "
+            f"{bench.default_dtype('cpu')} on a CPU)",
+        )
+        p.add_argument("--repeats", type=positive(1), help="timed calls per point (median reported)")
+        p.add_argument("--warmup", type=positive(0), help="untimed calls before timing")
         p.add_argument(
             "--min-time",
-            type=_positive(0),
+            type=positive(0),
             default=300,
             metavar="MS",
             help="keep timing a fast call until its calls add up to MS milliseconds (default 300)",
         )
-        p.add_argument("--plot", metavar="FILE", help="save a figure (time and memory vs N) to FILE, e.g. bench.png")
-        p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
         p.add_argument(
-            "--tf32",
-            action="store_true",
-            help="GPU, float32: let the PyTorch and Triton matmuls use TF32 tensor cores (default: exact float32)",
+            "--plot", metavar="FILE", help="save a figure (time and memory per point) to FILE, e.g. bench.png"
         )
+        p.add_argument("--no-backward", action="store_true", help="time the forward pass only")
         p.add_argument("--rungs", help=f"comma-separated subset of: {', '.join(r.name for r in bench.rungs)}")
         p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when a GPU is present")
         p.add_argument(
             "--threads",
-            type=_positive(1),
+            type=positive(1),
             help="CPU threads for torch and NumPy (default: theirs); 1 gives steadier figures on a busy machine",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
@@ -670,17 +612,14 @@ def config_from_args(bench: Benchmark, args: argparse.Namespace) -> tuple[Config
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA GPU is available on this machine")
-    if args.dtype == "bfloat16" and device != "cuda":
+    dtype = args.dtype or bench.default_dtype(device)
+    if dtype == "bfloat16" and device != "cuda":
         raise ValueError(
             "--dtype bfloat16 needs a CUDA GPU: the Triton interpreter that runs the kernel "
             "on a CPU does not support bfloat16 (use float32 or float16 here)"
         )
     if args.plot and not os.path.isdir(os.path.dirname(os.path.abspath(args.plot))):
         raise ValueError(f"--plot {args.plot}: the folder {os.path.dirname(os.path.abspath(args.plot))} does not exist")
-    if args.tf32 and (device != "cuda" or args.dtype != "float32"):
-        raise ValueError("--tf32 applies to float32 on a CUDA GPU only")
-    on_gpu = device == "cuda"
-    defaults_used = args.sizes is None
     rungs = tuple(r.name for r in bench.rungs)
     if args.rungs:
         chosen = tuple(r.strip() for r in args.rungs.split(",") if r.strip())
@@ -688,17 +627,18 @@ def config_from_args(bench: Benchmark, args: argparse.Namespace) -> tuple[Config
         if unknown or not chosen:
             raise ValueError(f"--rungs: unknown rung(s) {unknown or chosen}; choose from {', '.join(rungs)}")
         rungs = tuple(r for r in rungs if r in chosen)
+    args.dtype = dtype  # the benchmark's own checks see the dtype in force
+    fields, defaults_used = bench.configure(args, device)
+    on_gpu = device == "cuda"
     cfg = Config(
-        sizes=args.sizes or (bench.gpu_sizes if on_gpu else bench.cpu_sizes),
-        dim=args.dim or (bench.gpu_dim if on_gpu else bench.cpu_dim),
-        dtype=args.dtype,
+        dtype=dtype,
         device=device,
         repeats=args.repeats or (20 if on_gpu else 3),
         warmup=args.warmup if args.warmup is not None else (3 if on_gpu else 1),
         backward=not args.no_backward,
         min_time_ms=float(args.min_time),
         threads=args.threads,
-        tf32=args.tf32,
+        **fields,
     )
     return cfg, rungs, defaults_used
 
