@@ -77,6 +77,9 @@ class TransformerBlock(nn.Module):
         heads: number of attention heads h (d must be divisible by h).
         mlp_ratio: MLP hidden size is int(d * mlp_ratio).
         causal: if True, token i attends only to tokens j <= i (a text decoder).
+        packed_in_proj: keep the attention's q, k, v weights in one (3d, d)
+            ``attn.in_proj_weight``, named as in ``nn.MultiheadAttention`` (and
+            CLIP's checkpoints); see `MultiHeadAttention`.
 
     Shapes: forward(x (B, L, d), kv_lengths (B,) or None) -> (B, L, d).
         kv_lengths[b] = number of valid tokens of example b (the rest is
@@ -84,14 +87,22 @@ class TransformerBlock(nn.Module):
         positions still produce (meaningless) outputs; pool them away.
     """
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, *, causal: bool = False) -> None:
+    def __init__(
+        self,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        *,
+        causal: bool = False,
+        packed_in_proj: bool = False,
+    ) -> None:
         super().__init__()
         _check_positive(width=width, heads=heads, mlp_ratio=mlp_ratio)
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.width, self.heads, self.causal = width, heads, causal
         self.ln_1 = nn.LayerNorm(width)
-        self.attn = MultiHeadAttention(width, heads)
+        self.attn = MultiHeadAttention(width, heads, packed_in_proj=packed_in_proj)
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_hidden(width, mlp_ratio))
 
