@@ -23,6 +23,13 @@ _EXPORTS = {
     "EarlyFusion": "tiny_mm.fusion",
     "LateFusion": "tiny_mm.fusion",
     "CrossModalFusion": "tiny_mm.fusion",
+    "VisionConfig": "tiny_mm.vit",
+    "VisionTransformer": "tiny_mm.vit",
+    "tokenize": "tiny_mm.tokenizer",
+    "Tokenizer": "tiny_mm.tokenizer",
+    "ShapesConfig": "tiny_mm.data.shapes",
+    "ShapesDataset": "tiny_mm.data.shapes",
+    "split_by_combinations": "tiny_mm.data.shapes",
 }
 
 __all__ = sorted(_EXPORTS)
