@@ -19,9 +19,11 @@ is `tiny_mm.bench`.
 FLOPs, for the TFLOP/s columns on a GPU: the forward does two matmuls,
 S = Q K^T and O = P V, 2 * D multiply-adds each per visible (query, key) pair:
 4 * B*H * D * pairs, where pairs = Lq * Lk, about half of it when causal (exactly
-the pairs j <= i). The backward counts 2.5 times the forward (five matmuls to
-the forward's two; the recomputation of S in a flash backward is not counted),
-so forward+backward is 3.5 times the forward.
+the pairs j <= i). The backward counts 2.5 times the forward: five matmuls
+(recompute S, dV = P^T dO, dP = dO V^T, dQ, dK) to the forward's two, the usual
+convention for flash attention; our deterministic kernel does seven, but the
+rate is quoted on the same count for every rung. Forward+backward is 3.5 times
+the forward.
 """
 from __future__ import annotations
 
