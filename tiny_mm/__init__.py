@@ -30,6 +30,11 @@ _EXPORTS = {
     "ShapesConfig": "tiny_mm.data.shapes",
     "ShapesDataset": "tiny_mm.data.shapes",
     "split_by_combinations": "tiny_mm.data.shapes",
+    "CLIP": "tiny_mm.clip",
+    "CLIPConfig": "tiny_mm.clip",
+    "TextConfig": "tiny_mm.clip",
+    "load_clip": "tiny_mm.clip",
+    "build_classifier": "tiny_mm.zeroshot",
 }
 
 __all__ = sorted(_EXPORTS)
