@@ -12,6 +12,7 @@ COMMANDS = {
     "grade": ("tiny_mm.grading", "grade the exercises and print a scorecard"),
     "bench": ("tiny_mm.bench", "time the NumPy, PyTorch and Triton rungs of a chapter"),
     "tour": ("tiny_mm.tour", "every chapter's core result in a few minutes on CPU"),
+    "zeroshot": ("tiny_mm.zeroshot", "zero-shot classification of CIFAR-10 with a CLIP checkpoint"),
 }
 
 
