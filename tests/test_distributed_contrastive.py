@@ -178,7 +178,7 @@ def run(tmp_path_factory):
             for process in context.processes:
                 process.kill()
             pytest.fail(f"the {WORLD} workers did not finish within {DEADLINE_S} s")
-    results = [torch.load(out_dir / f"rank{r}.pt") for r in range(WORLD)]
+    results = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
     return cases, results
 
 
