@@ -21,21 +21,11 @@
 # Everything runs on a CPU in well under a minute.
 
 # %%
-# Make the repository importable whether this runs from the repo root (the tests),
-# from this chapter's folder (JupyterLab) or as a plain script.
+# `make setup` installs the project into .venv in editable mode, so `chapters`,
+# `tiny_mm` and `kernels` import from any folder: run this with .venv's Python
+# (`make lab` does).
 import sys
-from pathlib import Path
 
-_starts = [Path.cwd().resolve()]
-if "__file__" in globals():  # run as a script from anywhere
-    _starts.insert(0, Path(__file__).resolve().parent)
-REPO_ROOT = next(
-    (p for start in _starts for p in [start, *start.parents] if (p / "pyproject.toml").exists()), None
-)
-if REPO_ROOT is None:
-    raise RuntimeError("run this notebook from inside the tiny_mm repository")
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 import matplotlib
 
