@@ -4,7 +4,6 @@ A stand-in model replaces CLIP: its "tokens" are (class id, template id) pairs a
 "images" carry their embedding in the first pixels, so every expected number is known
 independently of the code under test.
 """
-import importlib.util
 
 import numpy as np
 import pytest
@@ -193,27 +192,59 @@ def test_clip_preprocess_against_numpy(rng):
     assert np.linalg.norm(out.numpy() - ref) / np.linalg.norm(ref) < 1e-5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("tiny_mm.clip") is None, reason="tiny_mm.clip not written yet")
-def test_main_end_to_end_on_mini_cifar(tmp_path, capsys):
-    clip = pytest.importorskip("tiny_mm.clip")
-    if not hasattr(clip, "load_clip"):
-        pytest.skip("tiny_mm.clip has no load_clip yet")
+def _tiny_clip_checkpoint(tmp_path):
+    from tiny_mm.clip import CLIP, CLIPConfig, TextConfig
     from tiny_mm.vit import VisionConfig
 
+    # One head per tower: a state dict cannot tell the number of heads, and load_clip
+    # assumes CLIP's width // 64 (at least 1).
     torch.manual_seed(0)
-    config = clip.CLIPConfig(
+    config = CLIPConfig(
         embed_dim=16,
-        vision=VisionConfig(image_size=32, patch_size=16, width=32, layers=1, heads=2, output_dim=16),
-        text=clip.TextConfig(width=32, heads=2, layers=1),
+        vision=VisionConfig(image_size=32, patch_size=16, width=32, layers=1, heads=1, output_dim=16),
+        text=TextConfig(width=32, heads=1, layers=1),
     )
+    model = CLIP(config).eval()
     path = tmp_path / "tiny.pt"
-    torch.save(clip.CLIP(config).state_dict(), path)
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_main_defaults_to_the_18_template_ensemble(tmp_path, capsys):
+    """`tinymm zeroshot` without --templates: the printed accuracy is the 18-template ensemble's."""
+    import re
+
+    from tiny_mm.tokenizer import tokenize
+
+    model, path = _tiny_clip_checkpoint(tmp_path)
+    write_mini_cifar10(tmp_path, n_per_class=2, seed=3)
+    rc = zs.main(["--checkpoint", str(path), "--data-dir", str(tmp_path), "--batch-size", "8",
+                  "--no-verify-md5"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "18 template(s)" in out and "20 images" in out
+    printed = float(re.search(r"top-1 ([0-9.]+)%", out).group(1)) / 100
+
+    # Independent: every (class, template) prompt encoded, the ensemble averaged in float64 NumPy.
+    data = load_cifar10(tmp_path, transform=zs.clip_preprocess(32), verify_md5=False)
+    images = torch.stack([data[i][0] for i in range(len(data))])  # (20, 3, 32, 32)
+    labels = np.array(data.targets)
+    prompts = [t.format(c) for c in CIFAR10_CLASSES for t in zs.CIFAR10_TEMPLATES]
+    with torch.no_grad():
+        text = model.encode_text(tokenize(prompts)).double().numpy()  # (10 * 18, E)
+        image = model.encode_image(images).double().numpy()  # (20, E)
+    W = numpy_ensemble(text.reshape(10, 18, -1))  # (E, 10)
+    pred = (image / np.linalg.norm(image, axis=1, keepdims=True) @ W).argmax(1)
+    assert printed == pytest.approx((pred == labels).mean(), abs=1e-4)
+
+
+def test_main_end_to_end_on_mini_cifar(tmp_path, capsys):
+    _, path = _tiny_clip_checkpoint(tmp_path)
     write_mini_cifar10(tmp_path, n_per_class=1, seed=1)
     rc = zs.main(["--checkpoint", str(path), "--dataset", "cifar10", "--data-dir", str(tmp_path),
                   "--templates", "single", "--batch-size", "4", "--limit", "8", "--no-verify-md5"])
     out = capsys.readouterr().out
     assert rc == 0
-    assert "8 images" in out and "top-1" in out and "top-5" in out
+    assert "8 images" in out and "1 template(s)" in out and "top-1" in out and "top-5" in out
     # Missing data: a clear error and a non-zero exit, not a traceback.
     assert zs.main(["--checkpoint", str(path), "--data-dir", str(tmp_path / "none")]) == 1
     assert str((tmp_path / "none").resolve()) in capsys.readouterr().err
