@@ -449,14 +449,16 @@ def test_tour_quick_runs_and_every_check_holds():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-2000:]
-    assert "FAIL" not in out and "3 of 3 stop(s) checked out" in out
+    assert "FAIL" not in out and "4 of 4 stop(s) checked out" in out
     # chapter 1: three strategies against FlopCounterMode and the 196 x 128 claim; chapter 2: two rungs
-    # under four masks and the gradient check; chapter 4: two rungs and the gradient check
-    assert out.count(" ok") >= 4 + 8 + 1 + 3
+    # under four masks and the gradient check; chapter 3: two patch embeddings, the tower and its
+    # parameter count; chapter 4: two rungs and the gradient check
+    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3
     chapters = [line.split("Read: ")[1].split()[0] for line in out.splitlines() if "Read: " in line]
     assert chapters == [  # book order
         "chapters/ch01_fusion/README.md",
         "chapters/ch02_attention/README.md",
+        "chapters/ch03_vit/README.md",
         "chapters/ch04_contrastive/README.md",
     ]
     assert "NOT speed figures" in flat(out)
@@ -471,10 +473,21 @@ def test_tour_stops_fail_loudly(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_vit_stop_fails_when_the_tower_differs(monkeypatch, capsys):
+    # A wrong activation changes every embedding: the comparison with open_clip must catch it.
+    from tiny_mm import vit
+
+    import torch
+
+    monkeypatch.setattr(vit, "QuickGELU", torch.nn.GELU)
+    assert tour.main(["--quick", "--only", "vit"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_tour_list_and_unknown_stop(capsys):
     assert tour.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "contrastive"]
+    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive"]
     assert tour.main(["--only", "nowhere"]) == 2
     assert "unknown stop" in capsys.readouterr().err
 

@@ -9,6 +9,7 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
     fusion       chapter 1: the cost formulas against torch's FLOP counter; the 196 x 128 claim
     attention    chapter 2: NumPy, PyTorch and Triton attention agree under every mask; the
                  hand-derived backward against finite differences
+    vit          chapter 3: patch embedding = strided convolution; our ViT equals open_clip's
     contrastive  chapter 4: the three rungs of CLIP's loss agree; their cost
 
     tinymm tour                 # every stop (about a minute on a 2-core CPU)
@@ -22,7 +23,7 @@ import argparse
 import sys
 import time
 
-from tiny_mm.tour import attention, contrastive, fusion
+from tiny_mm.tour import attention, contrastive, fusion, vit
 from tiny_mm.tour.common import Stop, relative_error
 
 __all__ = ["Stop", "STOPS", "relative_error", "main"]
@@ -40,6 +41,12 @@ STOPS: list[Stop] = [
         title="Attention, three ways, under every mask",
         chapter="chapters/ch02_attention/README.md (notebook: chapters/ch02_attention/notebook.py)",
         run=attention.run,
+    ),
+    Stop(
+        name="vit",
+        title="Patches, convolutions and a vision transformer",
+        chapter="chapters/ch03_vit/README.md (notebook: chapters/ch03_vit/notebook.py)",
+        run=vit.run,
     ),
     Stop(
         name="contrastive",
