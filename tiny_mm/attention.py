@@ -485,6 +485,49 @@ class MultiHeadAttention(nn.Module):
         return self.out_proj(merge_heads(heads))  # (B, Lq, E)
     # ANCHOR_END: MultiHeadAttention_forward
 
+    # ANCHOR: attention_probs
+    def attention_probs(
+        self,
+        query: Tensor,
+        key: Tensor | None = None,
+        value: Tensor | None = None,
+        *,
+        causal: bool = False,
+        kv_lengths: Tensor | None = None,
+    ) -> Tensor:
+        """The attention probabilities forward uses: softmax(q k^T / sqrt(Dh)) per head.
+
+        Takes forward's arguments and masks (value only fills in and is checked
+        as in forward; the probabilities do not depend on it). Always computed
+        the plain way, whatever the backend: the fused backends never hold them.
+
+        Returns:
+            (B, H, Lq, Lk), in query's dtype. Each row sums to 1 over the keys
+            the query may see and is 0 elsewhere; a query that sees no key gets
+            a row of zeros.
+        """
+        if key is None and value is not None:
+            raise ValueError("value was given without key: pass key too, or neither for self-attention")
+        key = query if key is None else key
+        value = key if value is None else value
+        self._check_inputs(query, key, value)
+        _check_causal(causal)
+        _check_kv_lengths(kv_lengths, query.shape[0], key.shape[1], query.device)
+
+        q, k, _ = self._project_qkv(query, key, value)  # (B, Lq, E), (B, Lk, E); the values are not needed
+        q = split_heads(q, self.num_heads)  # (B, H, Lq, Dh)
+        k = split_heads(k, self.num_heads)  # (B, H, Lk, Dh)
+        scores = (1.0 / math.sqrt(self.head_dim)) * (q @ k.transpose(-2, -1))  # (B, H, Lq, Lk), as _attend scales
+        batch, lq, lk = query.shape[0], query.shape[1], key.shape[1]
+        mask, any_visible = _safe_mask(batch, lq, lk, causal, kv_lengths, query.device)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, Lq, Lk)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))
+        if any_visible is not None:
+            probs = torch.where(any_visible, probs, 0.0)  # (B, H, Lq, Lk): rows that see nothing -> 0
+        return probs.to(query.dtype)  # (B, H, Lq, Lk)
+    # ANCHOR_END: attention_probs
+
     def extra_repr(self) -> str:
         widths = f"kdim={self.kdim}, vdim={self.vdim}, "
         if self.kdim == self.vdim == self.embed_dim:

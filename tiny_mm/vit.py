@@ -18,6 +18,11 @@ Parameter names are OpenAI's (``conv1``, ``class_embedding``,
 ``visual`` part of an OpenAI or open_clip state dict loads with strict keys.
 The chapter's NumPy reference (``chapters/ch03_vit/reference.py``) shows why
 a convolution with kernel = stride = P is the patchify-then-matmul of the paper.
+
+To look inside a model: `VisionTransformer.attention_maps` returns every
+block's attention probabilities (B, layers, heads, N+1, N+1) from one pass,
+and `attention_rollout` follows them through the stack (Abnar & Zuidema,
+2020). `vit_parameters` counts the parameters piece by piece.
 """
 from __future__ import annotations
 
@@ -28,7 +33,7 @@ from torch import Tensor, nn
 
 from tiny_mm.layers import TransformerBlock
 
-__all__ = ["VisionConfig", "VisionTransformer", "QuickGELU"]
+__all__ = ["VisionConfig", "VisionTransformer", "QuickGELU", "attention_rollout", "vit_parameters"]
 
 
 # ANCHOR: VisionConfig
@@ -164,3 +169,80 @@ class VisionTransformer(nn.Module):
         embedding = x[:, 0] @ self.proj  # (B, output_dim): the class token speaks for the image
         return (embedding, x) if return_tokens else embedding
 # ANCHOR_END: VisionTransformer
+
+    # ANCHOR: attention_maps
+    def attention_maps(self, images: Tensor) -> Tensor:
+        """Every block's attention probabilities, from one pass over the images.
+
+        images (B, 3, H, W) -> (B, layers, heads, N+1, N+1). Entry [b, l, h, i, j]
+        is how much token i attends to token j in head h of block l, computed on
+        what that block's attention reads (its ln_1 output). Token 0 is the class
+        token, so [:, l, h, 0, 1:] is where the class token looks among the N
+        patches (row by row, as `embed` orders them). Rows sum to 1.
+        Wrap the call in torch.no_grad() unless you need gradients.
+        """
+        self._check_images(images)
+        x = self.ln_pre(self.embed(images))  # (B, N+1, width)
+        maps = []
+        for block in self.transformer.resblocks:
+            maps.append(block.attn.attention_probs(block.ln_1(x)))  # (B, heads, N+1, N+1)
+            x = block(x)  # (B, N+1, width): the next block reads this block's output
+        return torch.stack(maps, dim=1)  # (B, layers, heads, N+1, N+1)
+    # ANCHOR_END: attention_maps
+
+
+# ANCHOR: attention_rollout
+def attention_rollout(maps: Tensor) -> Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): how much each input token reaches each output.
+
+    One block's attention map says where a token reads from in that block only.
+    Rollout follows the flow through the whole stack: average the heads, add
+    the identity for the residual connection (a token also keeps itself),
+    renormalise the rows, and multiply the blocks' matrices, the last block on
+    the left.
+
+    maps: (B, layers, heads, L, L) from `VisionTransformer.attention_maps`.
+    Returns (B, L, L): row i is the share of output token i owed to each input
+    token; rows sum to 1. Row 0, columns 1: is the class token's map over the patches.
+    """
+    if not isinstance(maps, Tensor) or maps.dim() != 5 or maps.shape[-1] != maps.shape[-2]:
+        shape = tuple(maps.shape) if isinstance(maps, Tensor) else type(maps).__name__
+        raise ValueError(f"maps must be a tensor of shape (B, layers, heads, L, L), got {shape}")
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be a floating-point tensor, got dtype {maps.dtype}")
+    length = maps.shape[-1]
+    eye = torch.eye(length, dtype=maps.dtype, device=maps.device)  # (L, L)
+    flow = maps.mean(dim=2) + eye  # (B, layers, L, L): heads averaged, residual added
+    flow = flow / flow.sum(dim=-1, keepdim=True)  # (B, layers, L, L), rows sum to 1 again
+    rollout = flow[:, 0]  # (B, L, L)
+    for layer in range(1, maps.shape[1]):
+        rollout = flow[:, layer] @ rollout  # (B, L, L): block `layer` reads what the earlier ones made
+    return rollout
+# ANCHOR_END: attention_rollout
+
+
+# ANCHOR: vit_parameters
+def vit_parameters(config: VisionConfig) -> dict[str, int]:
+    """Parameters of `VisionTransformer(config)`, piece by piece, and their "total".
+
+    With width W, patch size P, N patches, output size E and MLP hidden size h:
+    conv1 3 P^2 W (no bias), class token W, positions (N+1) W, ln_pre and ln_post
+    2W each, proj W E; each block 4W^2 + 4W (attention: q, k, v and output
+    projections with biases), 2Wh + h + W (MLP), 4W (two LayerNorms), which is
+    12 W^2 + 13 W when h = 4W.
+    """
+    W, P, E = config.width, config.patch_size, config.output_dim
+    hidden = int(W * config.mlp_ratio)  # as TransformerBlock sizes its MLP
+    block = (4 * W * W + 4 * W) + (2 * W * hidden + hidden + W) + 4 * W
+    counts = {
+        "conv1": 3 * P * P * W,
+        "class_embedding": W,
+        "positional_embedding": config.num_tokens * W,
+        "ln_pre": 2 * W,
+        "blocks": config.layers * block,
+        "ln_post": 2 * W,
+        "proj": W * E,
+    }
+    counts["total"] = sum(counts.values())
+    return counts
+# ANCHOR_END: vit_parameters

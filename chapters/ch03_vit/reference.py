@@ -14,6 +14,14 @@ tokens. ViT does it in three steps, each written out here:
 3. `add_positional_embedding`: add one learned vector per position, since
    attention by itself does not know where a token came from.
 
+`sincos_positions_2d` is the fixed alternative to a learned table: sines
+and cosines of the patch's row and column, whose dot products depend only
+on the offset between two patches.
+
+And one tool for looking inside a trained ViT afterwards:
+`attention_rollout` follows attention through every block, residual
+connections included, to say which input tokens an output token draws on.
+
 Notation:
 
     images : (B, C, H, W)         a batch of images, channels first (as torch)
@@ -39,6 +47,8 @@ __all__ = [
     "add_cls_token",
     "add_positional_embedding",
     "embed_image",
+    "sincos_positions_2d",
+    "attention_rollout",
 ]
 
 
@@ -202,3 +212,56 @@ def embed_image(
     tokens = add_cls_token(tokens, cls)  # (B, N+1, width)
     return add_positional_embedding(tokens, positional)  # (B, N+1, width)
 # ANCHOR_END: embed_image
+
+
+# ANCHOR: sincos
+def sincos_positions_2d(grid_size: int, width: int, base: float = 10000.0) -> np.ndarray:
+    """Fixed 2-D sine-cosine positional embeddings for a grid_size x grid_size patch grid.
+
+    Returns (grid_size**2, width), patches row by row as `patchify` orders them.
+    The first width/2 features encode the row r, the rest the column c, each as
+    [sin(t w_0), ..., sin(t w_{K-1}), cos(t w_0), ..., cos(t w_{K-1})] with
+    t = r or c, K = width / 4 and w_k = base ** (-k / K). Since
+    sin(a) sin(b) + cos(a) cos(b) = cos(a - b), the dot product of two rows is
+    sum_k cos(w_k dr) + sum_k cos(w_k dc): it depends only on the offset (dr, dc).
+    """
+    for name, value in (("grid_size", grid_size), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if width % 4:
+        raise ValueError(f"width must be a multiple of 4 (sin and cos for rows and columns), got {width}")
+    K = width // 4
+    freqs = base ** (-np.arange(K) / K)  # (K,), from 1 down to nearly 1/base
+    rows, cols = np.divmod(np.arange(grid_size * grid_size), grid_size)  # (N,) each, row by row
+
+    def encode(t: np.ndarray) -> np.ndarray:
+        angles = t[:, None] * freqs[None, :]  # (N, K)
+        return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)  # (N, 2K)
+
+    return np.concatenate([encode(rows), encode(cols)], axis=1)  # (N, width)
+# ANCHOR_END: sincos
+
+
+# ANCHOR: rollout
+def attention_rollout(maps: np.ndarray) -> np.ndarray:
+    """Attention rollout (Abnar & Zuidema, 2020), in float64.
+
+    maps: (B, layers, heads, L, L), row i of each map is token i's attention
+    distribution. Per block: A = mean over heads, then (A + I) with rows
+    renormalised, since the residual connection carries each token past its
+    attention. Rollout = A_last ... A_2 A_1, returned as (B, L, L).
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 5 or maps.shape[-1] != maps.shape[-2]:
+        raise ValueError(f"maps must have shape (B, layers, heads, L, L), got {maps.shape}")
+    B, layers, _, L, _ = maps.shape
+    out = np.empty((B, L, L))
+    for b in range(B):
+        rollout = np.eye(L)  # (L, L): before any block, every token is only itself
+        for layer in range(layers):
+            flow = maps[b, layer].mean(axis=0) + np.eye(L)  # (L, L)
+            flow = flow / flow.sum(axis=1, keepdims=True)  # (L, L), rows sum to 1
+            rollout = flow @ rollout  # (L, L)
+        out[b] = rollout
+    return out
+# ANCHOR_END: rollout
