@@ -3,12 +3,10 @@
 open_clip is an independent implementation of the same model: its state dict,
 saved to disk, must load through `load_clip` with strict keys and an inferred
 architecture, and image embeddings, text embeddings and logits must agree in
-float32.
+float32. The readers' own tests (TorchScript, malicious files, Hugging Face
+names) are in test_checkpoints.py.
 """
 import math
-import os
-import pickle
-import zipfile
 
 import numpy as np
 import open_clip
@@ -18,10 +16,8 @@ from open_clip.model import CLIP as OpenClipCLIP
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from safetensors.torch import save_file
 
-from tiny_mm.clip import (
-    CLIP, CLIPConfig, ResNetConfig, TextConfig, TextTransformer, config_from_state_dict, load_clip,
-    read_torchscript_state_dict,
-)
+from tiny_mm.checkpoints import config_from_state_dict, load_clip
+from tiny_mm.clip import CLIP, CLIPConfig, ResNetConfig, TextConfig, TextTransformer
 from tiny_mm.tokenizer import tokenize
 from tiny_mm.vit import VisionConfig
 
@@ -45,16 +41,26 @@ def rel_err(out, ref):
 
 def randomize(module, rng):
     """Fresh random values for every parameter (norms, positional tables, logit_scale too) and
-    for BatchNorm's running statistics, which eval mode uses."""
+    for BatchNorm's running statistics, which eval mode uses. Drawn by torch from a generator
+    seeded by `rng` (float32 draws: ViT-B/32's 151M values in a few seconds). Matrices and
+    kernels get std 1/sqrt(fan-in), so activations keep their scale through RN50's 16 blocks:
+    with a fixed std they grow ~5x per convolution, the attention pool's softmax turns into a
+    hard argmax, and float32 rounding can flip which position wins."""
+    gen = torch.Generator().manual_seed(int(rng.integers(2**63)))
     with torch.no_grad():
         for name, p in module.named_parameters():
-            scale = 0.5 if name == "logit_scale" else 0.2
-            p.copy_(torch.from_numpy(np.asarray(scale * rng.standard_normal(tuple(p.shape)))))
+            if name == "logit_scale":
+                std = 0.5
+            elif p.dim() >= 2:
+                std = p[0].numel() ** -0.5  # one row of a (out, in, k, k) weight: in * k * k
+            else:
+                std = 0.2
+            p.normal_(0.0, std, generator=gen)
         for name, b in module.named_buffers():
             if name.endswith("running_mean"):
-                b.copy_(torch.from_numpy(0.1 * rng.standard_normal(tuple(b.shape))))
+                b.normal_(0.0, 0.1, generator=gen)
             elif name.endswith("running_var"):
-                b.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, tuple(b.shape))))
+                b.uniform_(0.5, 2.0, generator=gen)
 
 
 def n_params(module):
@@ -115,14 +121,12 @@ def test_config_is_inferred_from_shapes(rng):
     )
 
 
-def test_vit_b_32_matches_open_clip(rng, tmp_path):
+def test_vit_b_32_matches_open_clip(rng):
     """The real size, ~151M parameters, exact GELU as open_clip's ViT-B-32 config says."""
     torch.manual_seed(int(rng.integers(2**31)))
     theirs = open_clip.create_model("ViT-B-32", pretrained=None).eval()
     randomize(theirs, rng)
-    path = tmp_path / "vit_b_32.pt"
-    torch.save(theirs.state_dict(), path)
-    ours = load_clip(path, quick_gelu=False)
+    ours = load_clip(theirs.state_dict(), quick_gelu=False)  # files are read in the small tests
     config = ours.config
     vision = config.vision
     assert (config.embed_dim, vision.width, vision.layers, vision.heads) == (512, 768, 12, 12)
@@ -172,33 +176,6 @@ def test_mismatched_keys_are_named(rng):
         load_clip(state)
 
 
-def test_missing_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
-        load_clip(tmp_path / "nope.pt")
-
-
-class _Payload:
-    """Unpickling this calls os.system: the attack weights_only loading must stop."""
-
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
-def test_malicious_pickle_is_refused(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    torch.save({"visual.conv1.weight": torch.zeros(1), "payload": _Payload(marker)}, path)
-    with pytest.raises(ValueError, match="weights_only"):
-        load_clip(path)
-    assert not marker.exists()
-    # The payload really is an attack: plain unpickling (never done by tiny_mm) runs the command.
-    pickle.loads(pickle.dumps(_Payload(marker)))
-    assert marker.exists()
-
-
 @pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::torch.jit.TracerWarning")  # OpenAI traced
 @pytest.mark.parametrize("quick_gelu", [True, False])
 def test_torchscript_archive_matches_open_clip(rng, tmp_path, quick_gelu):
@@ -210,42 +187,6 @@ def test_torchscript_archive_matches_open_clip(rng, tmp_path, quick_gelu):
     torch.jit.trace(theirs, (images, tokens), check_trace=False).save(str(path))
     ours = load_clip(path, quick_gelu=quick_gelu)
     check_matches(ours, theirs, rng, image_size=32)
-
-
-class _Views(torch.nn.Module):
-    """Half-precision weights and a strided view sharing their storage: the reader must keep both."""
-
-    def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(6, 4).half()
-        self.register_buffer("view", self.lin.weight.data[1:, ::2])  # (3, 3), offset 6, strides (6, 2)
-
-    def forward(self, x):
-        return self.lin(x)
-
-
-@pytest.mark.filterwarnings("ignore::FutureWarning")
-def test_torchscript_reader_keeps_dtypes_offsets_and_strides(tmp_path):
-    module = _Views()
-    path = tmp_path / "views.pt"
-    torch.jit.script(module).save(str(path))
-    state = read_torchscript_state_dict(path)
-    expected = module.state_dict()
-    assert set(state) == set(expected)
-    for key, value in expected.items():
-        assert state[key].dtype == value.dtype and torch.equal(state[key], value), key
-
-
-def test_malicious_torchscript_archive_is_refused(tmp_path):
-    """A zip laid out like a TorchScript archive whose data.pkl calls os.system: never run."""
-    marker = tmp_path / "pwned"
-    path = tmp_path / "evil.pt"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("evil/code/__torch__/model.py", "")
-        archive.writestr("evil/data.pkl", pickle.dumps(_Payload(marker), protocol=2))
-    with pytest.raises(ValueError, match="refusing to load global"):
-        load_clip(path)
-    assert not marker.exists()
 
 
 def small_resnet_clip(rng, quick_gelu: bool) -> OpenClipCLIP:
@@ -281,11 +222,6 @@ def test_rn50_matches_open_clip(rng):
     images = torch.from_numpy(rng.standard_normal((1, 3, 224, 224))).float()
     with torch.no_grad():
         assert rel_err(ours.encode_image(images), theirs.encode_image(images)) < 1e-5
-
-
-def test_hugging_face_state_dicts_say_so():
-    with pytest.raises(ValueError, match="Hugging Face"):
-        config_from_state_dict({"text_model.embeddings.token_embedding.weight": torch.zeros(1)})
 
 
 def test_logit_scale_starts_at_one_over_0_07():

@@ -33,7 +33,8 @@ _EXPORTS = {
     "CLIP": "tiny_mm.clip",
     "CLIPConfig": "tiny_mm.clip",
     "TextConfig": "tiny_mm.clip",
-    "load_clip": "tiny_mm.clip",
+    "load_clip": "tiny_mm.checkpoints",
+    "clip_params": "tiny_mm.counting",
     "build_classifier": "tiny_mm.zeroshot",
 }
 

@@ -511,3 +511,115 @@ def fusion_layer(
     raise ValueError(f"strategy must be 'early', 'late' or 'cross', got {strategy!r}")
 # ANCHOR_END: fusion_layer
 
+
+# --------------------------------------------------------------------------- CLIP's parameters
+#
+# The parameter counts of released CLIP models, from their architecture numbers
+# alone (no model is built). Names as open_clip spells them; "ViT-B/32" (OpenAI's
+# spelling) is accepted too. Only parameters are counted: BatchNorm's running
+# statistics are buffers, and so is the text tower's causal mask.
+
+# ANCHOR: clip_archs
+# name -> (embed_dim E, image tower, text tower (context, vocab, width, layers)).
+# Image tower: ("vit", image_size, patch_size, width, layers) or ("resnet", image_size, stage depths, width).
+_CLIP_ARCHS: dict[str, tuple[int, tuple, tuple[int, int, int, int]]] = {
+    "RN50": (1024, ("resnet", 224, (3, 4, 6, 3), 64), (77, 49408, 512, 12)),
+    "RN101": (512, ("resnet", 224, (3, 4, 23, 3), 64), (77, 49408, 512, 12)),
+    "ViT-B-32": (512, ("vit", 224, 32, 768, 12), (77, 49408, 512, 12)),
+    "ViT-B-16": (512, ("vit", 224, 16, 768, 12), (77, 49408, 512, 12)),
+    "ViT-L-14": (768, ("vit", 224, 14, 1024, 24), (77, 49408, 768, 12)),
+}
+# ANCHOR_END: clip_archs
+
+
+def _block_params(width: int, mlp_ratio: float = 4.0) -> int:
+    """One pre-LN block: ln_1, packed q/k/v + out projection, ln_2, MLP; 12 d^2 + 13 d when f = 4d."""
+    return transformer_block(1, width, 1, mlp_ratio).params  # the head count changes no shape
+
+
+def clip_vit_params(image_size: int, patch_size: int, width: int, layers: int, embed_dim: int) -> int:
+    """`tiny_mm.vit.VisionTransformer` (CLIP's ``visual``): conv1 (no bias), class and positional
+    embeddings, ln_pre, the blocks, ln_post and the (width, E) projection.
+
+    The formula is chapter 3's `tiny_mm.vit.vit_parameters`, which lists it piece by piece.
+    """
+    _check(image_size=image_size, patch_size=patch_size, width=width, layers=layers, embed_dim=embed_dim)
+    from tiny_mm.vit import VisionConfig, vit_parameters  # torch-free callers of counting never pay for it
+
+    config = VisionConfig(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+                          heads=1, output_dim=embed_dim)  # the head count changes no shape
+    return vit_parameters(config)["total"]
+
+
+def clip_resnet_params(image_size: int, stages: tuple[int, ...], width: int, embed_dim: int) -> int:
+    """`tiny_mm.clip.ModifiedResNet`: a 3-conv stem, four Bottleneck stages, attention pooling.
+
+    Convolutions have no bias; a BatchNorm has 2 parameters per channel. A
+    Bottleneck(in, p) holds 1x1 (in -> p), 3x3 (p -> p), 1x1 (p -> 4p), a
+    BatchNorm after each, and a 1x1 + BatchNorm shortcut when it strides or
+    changes the channel count (every first block of a stage). The attention
+    pool over C = 32 width channels: a positional table of (H/32)^2 + 1 rows,
+    q, k, v projections (C -> C) and c_proj (C -> E), all with biases.
+    """
+    _check(image_size=image_size, width=width, embed_dim=embed_dim)
+
+    def conv_bn(c_in: int, c_out: int, k: int) -> int:
+        return c_in * c_out * k * k + 2 * c_out
+
+    half = width // 2
+    total = conv_bn(3, half, 3) + conv_bn(half, half, 3) + conv_bn(half, width, 3)  # the stem
+    inplanes = width
+    for stage, blocks in enumerate(stages):
+        planes = width * 2**stage
+        for block in range(blocks):
+            total += conv_bn(inplanes, planes, 1) + conv_bn(planes, planes, 3) + conv_bn(planes, 4 * planes, 1)
+            if block == 0:  # stage 0 changes channels (w -> 4w), the others stride: a shortcut conv
+                total += conv_bn(inplanes, 4 * planes, 1)
+            inplanes = 4 * planes
+    channels = 32 * width
+    grid = image_size // 32
+    total += (grid * grid + 1) * channels  # attnpool.positional_embedding
+    total += 3 * (channels * channels + channels)  # q_proj, k_proj, v_proj
+    total += channels * embed_dim + embed_dim  # c_proj
+    return total
+
+
+def clip_text_params(context_length: int, vocab_size: int, width: int, layers: int, embed_dim: int) -> int:
+    """CLIP's text tower: token_embedding, positional_embedding, the causal blocks, ln_final,
+    text_projection (width, E)."""
+    _check(context_length=context_length, vocab_size=vocab_size, width=width, layers=layers, embed_dim=embed_dim)
+    return (
+        (vocab_size + context_length) * width  # token_embedding, positional_embedding
+        + layers * _block_params(width)
+        + layer_norm(width).params  # ln_final
+        + width * embed_dim  # text_projection
+    )
+
+
+# ANCHOR: clip_params
+def clip_params(model_name: str) -> dict[str, int]:
+    """Parameters of a released CLIP model: {"total", "visual", "text"}, by formula.
+
+    visual: everything under ``visual.``; text: token_embedding,
+    positional_embedding, transformer, ln_final, text_projection; total =
+    visual + text + 1 (logit_scale). Equal to the instantiated open_clip models
+    (tests/test_clip_params.py). Measured here: RN50 102,007,137; RN101
+    119,688,033; ViT-B/32 151,277,313; ViT-B/16 149,620,737; ViT-L/14
+    427,616,513 (the "~151M" and "~428M" usually quoted for ViT-B/32 and ViT-L/14).
+    """
+    name = model_name.replace("/", "-") if isinstance(model_name, str) else model_name
+    if name not in _CLIP_ARCHS:
+        raise ValueError(f"unknown CLIP model {model_name!r}; known: {', '.join(_CLIP_ARCHS)}")
+    embed_dim, vision, (context, vocab, text_width, text_layers) = _CLIP_ARCHS[name]
+    if vision[0] == "vit":
+        _, image_size, patch, width, layers = vision
+        visual = clip_vit_params(image_size, patch, width, layers, embed_dim)
+    else:
+        _, image_size, stages, width = vision
+        visual = clip_resnet_params(image_size, stages, width, embed_dim)
+    text = clip_text_params(context, vocab, text_width, text_layers, embed_dim)
+    return {"total": visual + text + 1, "visual": visual, "text": text}
+# ANCHOR_END: clip_params
+
+
+__all__ += ["clip_params", "clip_vit_params", "clip_resnet_params", "clip_text_params"]

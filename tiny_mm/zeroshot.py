@@ -225,20 +225,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         print("error: --batch-size and --limit must be positive", file=sys.stderr)
         return 2
-    try:
-        from tiny_mm.clip import load_clip
-        from tiny_mm.tokenizer import tokenize
-    except ImportError as err:
-        print(f"error: tinymm zeroshot needs tiny_mm.clip.load_clip and tiny_mm.tokenizer ({err})", file=sys.stderr)
-        return 1
+    from tiny_mm.checkpoints import load_clip
     from tiny_mm.data.cifar import load_cifar10
+    from tiny_mm.tokenizer import tokenize
 
     try:
-        dataset = None
         model = load_clip(args.checkpoint, quick_gelu=not args.gelu).eval()
         dataset = load_cifar10(args.data_dir, train=False, transform=clip_preprocess(_image_size(model)),
                                verify_md5=not args.no_verify_md5)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:  # no file, or not a CLIP state dict: say which
         print(f"error: {err}", file=sys.stderr)
         return 1
     if args.limit is not None:
