@@ -255,6 +255,10 @@ def _run_child(root: Path, grader: Path, nodeids: list[str] | None, target: str,
     env = dict(os.environ)
     env.update({TARGET_ENV: target, RECORD_ENV: str(record), BROKEN_ENV: json.dumps(broken)})
     env.setdefault("PYTHONDONTWRITEBYTECODE", "1")
+    # Graders run small tensors: one thread is as fast as two there, and on a busy machine
+    # it keeps a correct solution inside the per-check time limits (threads fighting for
+    # cores made the ex05 training check 6x slower).
+    env.setdefault("OMP_NUM_THREADS", "1")
     args = nodeids if nodeids is not None else [str(grader.relative_to(root))]
     command = [sys.executable, "-c", _CHILD, str(record), *args,
                "-q", "--tb=no", "-p", "no:cacheprovider", "--rootdir", str(root),
