@@ -128,7 +128,9 @@ def _topk_correct(logits: Tensor, labels: Tensor, topk: Iterable[int]) -> dict[i
     ks = list(topk)
     if any(k < 1 or k > logits.shape[1] for k in ks):
         raise ValueError(f"every k must be in 1..{logits.shape[1]} (the number of classes), got {ks}")
-    top = logits.topk(max(ks), dim=1).indices  # (B, kmax), best first
+    # A stable sort, not topk: on tied logits topk's order is unspecified, and top-1 must
+    # agree with argmax (the first of the tied classes), which the confusion matrix uses.
+    top = logits.argsort(dim=1, descending=True, stable=True)[:, : max(ks)]  # (B, kmax), best first
     hit = top == labels.to(top.device)[:, None]  # (B, kmax)
     return {k: int(hit[:, :k].any(dim=1).sum()) for k in ks}
 
