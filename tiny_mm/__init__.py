@@ -36,6 +36,10 @@ _EXPORTS = {
     "load_clip": "tiny_mm.checkpoints",
     "clip_params": "tiny_mm.counting",
     "build_classifier": "tiny_mm.zeroshot",
+    "TrainConfig": "tiny_mm.train_clip",
+    "shapes_zero_shot": "tiny_mm.train_clip",
+    "attention_rollout": "tiny_mm.vit",
+    "vit_parameters": "tiny_mm.vit",
 }
 
 __all__ = sorted(_EXPORTS)

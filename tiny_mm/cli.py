@@ -1,4 +1,4 @@
-"""The `tinymm` command line: `tinymm grade`, `tinymm bench`, `tinymm tour`.
+"""The `tinymm` command line: `tinymm grade`, `tinymm bench`, `tinymm tour`, `tinymm train clip`, ...
 
 Each subcommand lives in its own module with a `main(argv) -> int`; this file
 only dispatches, so `tinymm --help` stays fast (nothing heavy is imported).
@@ -13,6 +13,12 @@ COMMANDS = {
     "bench": ("tiny_mm.bench", "time the NumPy, PyTorch and Triton rungs of a chapter"),
     "tour": ("tiny_mm.tour", "every chapter's core result in a few minutes on CPU"),
     "zeroshot": ("tiny_mm.zeroshot", "zero-shot classification of CIFAR-10 with a CLIP checkpoint"),
+    "train": ("tiny_mm.cli", "train a tiny model on generated data: 'tinymm train clip'"),
+}
+
+# `tinymm train MODEL [ARGS...]`: the module whose main(argv) trains MODEL.
+TRAINERS = {
+    "clip": "tiny_mm.train_clip",
 }
 
 
@@ -21,6 +27,20 @@ def usage() -> str:
     lines += [f"  {name:<7} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'tinymm COMMAND --help' for a command's options."]
     return "\n".join(lines)
+
+
+def train(argv: list[str]) -> int:
+    """`tinymm train MODEL [ARGS...]`: hand ARGS to the trainer of MODEL."""
+    models = ", ".join(TRAINERS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: tinymm train MODEL [ARGS...]\n\nmodels: {models}\n\n"
+              "Run 'tinymm train MODEL --help' for its options.")
+        return 0
+    if argv[0] not in TRAINERS:
+        print(f"tinymm train: unknown model {argv[0]!r}; choose from {models}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(TRAINERS[argv[0]])
+    return int(module.main(argv[1:]) or 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"tinymm: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
+    if name == "train":
+        return train(rest)
     module = importlib.import_module(COMMANDS[name][0])
     return int(module.main(rest) or 0)
 

@@ -161,7 +161,7 @@ def evaluate(model, loader, classifier: Tensor, progress: bool = True) -> dict:
 
     Returns {"top1", "top5", "n", "confusion": (C, C) Tensor}; top5 is capped at C classes.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # the plain bar: tqdm.auto warns in a notebook without ipywidgets
 
     n_classes = classifier.shape[1]
     ks = (1, min(5, n_classes))

@@ -42,6 +42,9 @@ __all__ = [
     "COLOURS",
     "SIZES",
     "POSITIONS",
+    "SIZE_WORDS",
+    "WHERE_WORDS",
+    "CAPTION_FRAMES",
     "ZERO_SHOT_TEMPLATES",
     "CLIP_MEAN",
     "CLIP_STD",
@@ -106,8 +109,8 @@ CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 _CELL_CENTRES = (0.25, 0.5, 0.75)
 
 # Caption wording. Canonical words first; "varied" captions draw among all.
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_WHERE_WORDS = {
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+WHERE_WORDS = {
     "top left": ("in the top left corner", "at the top left"),
     "top": ("at the top", "near the top"),
     "top right": ("in the top right corner", "at the top right"),
@@ -123,7 +126,7 @@ _OBJECT_PHRASES = (
     "a {colour} {shape}, {size}, {where}",
     "a {size} {colour} {shape} that sits {where}",
 )
-_FRAMES = ("{}", "there is {}", "a picture of {}", "an image with {}")
+CAPTION_FRAMES = ("{}", "there is {}", "a picture of {}", "an image with {}")
 
 
 # --------------------------------------------------------------------------- config
@@ -302,10 +305,10 @@ def caption(objects: Sequence[ShapeObject], rng: np.random.Generator | None = No
 
     phrase = pick(_OBJECT_PHRASES)
     parts = [
-        phrase.format(size=pick(_SIZE_WORDS[o.size]), colour=o.colour, shape=o.shape, where=pick(_WHERE_WORDS[o.position]))
+        phrase.format(size=pick(SIZE_WORDS[o.size]), colour=o.colour, shape=o.shape, where=pick(WHERE_WORDS[o.position]))
         for o in objects
     ]
-    text = pick(_FRAMES).format(" and ".join(parts))
+    text = pick(CAPTION_FRAMES).format(" and ".join(parts))
     return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "a orange star" -> "an orange star"
 # ANCHOR_END: captions
 
