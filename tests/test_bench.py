@@ -449,17 +449,19 @@ def test_tour_quick_runs_and_every_check_holds():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-2000:]
-    assert "FAIL" not in out and "4 of 4 stop(s) checked out" in out
+    assert "FAIL" not in out and "5 of 5 stop(s) checked out" in out
     # chapter 1: three strategies against FlopCounterMode and the 196 x 128 claim; chapter 2: two rungs
     # under four masks and the gradient check; chapter 3: two patch embeddings, the tower and its
-    # parameter count; chapter 4: two rungs and the gradient check
-    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3
+    # parameter count; chapter 4: two rungs and the gradient check; chapter 5: the tokenizer, two
+    # towers, the loss going down and the zero-shot bar
+    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3 + 5
     chapters = [line.split("Read: ")[1].split()[0] for line in out.splitlines() if "Read: " in line]
     assert chapters == [  # book order
         "chapters/ch01_fusion/README.md",
         "chapters/ch02_attention/README.md",
         "chapters/ch03_vit/README.md",
         "chapters/ch04_contrastive/README.md",
+        "chapters/ch05_clip_zero_shot/README.md",
     ]
     assert "NOT speed figures" in flat(out)
 
@@ -484,10 +486,27 @@ def test_vit_stop_fails_when_the_tower_differs(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_clip_stop_fails_when_zero_shot_is_at_chance(monkeypatch, capsys):
+    # A model that learned nothing scores near chance (1/30) on the held-out pairs: the bar catches it.
+    import dataclasses
+
+    import tiny_mm.train_clip as training
+    from tiny_mm.tour import clip as clip_stop
+
+    real = training.train_clip
+
+    def untrained(config, **kw):
+        return real(dataclasses.replace(config, steps=2, warmup=1, lr=1e-9), **kw)
+
+    monkeypatch.setattr(training, "train_clip", untrained)
+    assert clip_stop.run(quick=True) is False
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_tour_list_and_unknown_stop(capsys):
     assert tour.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive"]
+    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive", "clip"]
     assert tour.main(["--only", "nowhere"]) == 2
     assert "unknown stop" in capsys.readouterr().err
 

@@ -11,6 +11,8 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
                  hand-derived backward against finite differences
     vit          chapter 3: patch embedding = strided convolution; our ViT equals open_clip's
     contrastive  chapter 4: the three rungs of CLIP's loss agree; their cost
+    clip         chapter 5: our CLIP and tokenizer equal open_clip's; a tiny CLIP trained here
+                 classifies colour-shape pairs it never saw
 
     tinymm tour                 # every stop (about a minute on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
@@ -23,7 +25,7 @@ import argparse
 import sys
 import time
 
-from tiny_mm.tour import attention, contrastive, fusion, vit
+from tiny_mm.tour import attention, clip, contrastive, fusion, vit
 from tiny_mm.tour.common import Stop, relative_error
 
 __all__ = ["Stop", "STOPS", "relative_error", "main"]
@@ -53,6 +55,12 @@ STOPS: list[Stop] = [
         title="CLIP's contrastive loss, three ways",
         chapter="chapters/ch04_contrastive/README.md (notebook: chapters/ch04_contrastive/notebook.py)",
         run=contrastive.run,
+    ),
+    Stop(
+        name="clip",
+        title="CLIP: the real thing, and a tiny one trained here",
+        chapter="chapters/ch05_clip_zero_shot/README.md (notebook: chapters/ch05_clip_zero_shot/notebook.py)",
+        run=clip.run,
     ),
 ]
 
