@@ -1,87 +1,45 @@
-"""The ex07 grader can fail: full marks for the solution, zero for the stub, partial for a planted bug.
+"""The ex07 grader can fail: full marks for the solution, zero for the stub, points lost per planted bug.
 
-Each target is graded once in a child process (as `tinymm grade` does), three
-at a time: solutions/ex07_photo_search.py, the stub generated afresh from it, and
-copies of the solution with one planted mistake each, made by replacing one
-line of its text (the test checks that the replacement happened).
+How the proof works: tests/grader_proofs.py.
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-
 import pytest
 
-from tiny_mm import grading, stubs
+from tests.grader_proofs import Planted, assert_costs_points, assert_full_marks, assert_zero, grade_all
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parent.parent
 EXERCISE = "ex07_photo_search"
-SOLUTION = ROOT / "solutions" / f"{EXERCISE}.py"
 TIMEOUT = 15.0  # seconds per check: generous, so a loaded machine never fails a correct check
 
-# planted bug -> (line of the solution, its replacement, a check that must fail, words its reason says)
-PLANTED = {
-    "worst_first": ("torch.argsort(scores, descending=True, stable=True)[:k]  # (k,)",
-                    "torch.argsort(scores, stable=True)[:k]  # (k,)",
-                    "search_by_text: the k best", "returned scores"),
-    "raw_embeddings": ("chunks.append(F.normalize(model.encode_image(batch).float(), dim=-1))",
-                       "chunks.append(model.encode_image(batch).float())",
-                       "build_index: unit embeddings", "index.embeddings differs from the reference"),
-    "pickled_index": ('save_file({"embeddings": index.embeddings.detach().float().contiguous()}, str(path), '
-                      'metadata=metadata)', 'torch.save({"embeddings": index.embeddings, **metadata}, str(path))',
-                      "save_index / load_index", "without pickle"),
+# planted bug -> (text of the solution, its replacement, a check that must fail, words its reason says)
+PLANTED: dict[str, Planted] = {
+    "worst_first": Planted("torch.argsort(scores, descending=True, stable=True)[:k]  # (k,)",
+                           "torch.argsort(scores, stable=True)[:k]  # (k,)",
+                           "search_by_text: the k best", "returned scores"),
+    "raw_embeddings": Planted("chunks.append(F.normalize(model.encode_image(batch).float(), dim=-1))",
+                              "chunks.append(model.encode_image(batch).float())",
+                              "build_index: unit embeddings", "index.embeddings differs from the reference"),
+    "pickled_index": Planted('save_file({"embeddings": index.embeddings.detach().float().contiguous()}, str(path), '
+                             'metadata=metadata)', 'torch.save({"embeddings": index.embeddings, **metadata}, str(path))',
+                             "save_index / load_index", "without pickle"),
 }
 
 
-def _planted(tmp: Path, name: str) -> Path:
-    old, new, _, _ = PLANTED[name]
-    text = SOLUTION.read_text()
-    assert text.count(old) == 1, f"the solution no longer has the line {old!r} to plant {name}"
-    path = tmp / f"{name}.py"
-    path.write_text(text.replace(old, new))
-    return path
-
-
 @pytest.fixture(scope="module")
-def graded(tmp_path_factory) -> dict[str, grading.ExerciseResult]:
-    tmp = tmp_path_factory.mktemp("grader_ex07")
-    stub = tmp / f"{EXERCISE}.py"
-    stub.write_text(stubs.generate()[ROOT / "exercises" / f"{EXERCISE}.py"])
-    targets = {"solutions": "solutions", "stubs": str(stub)}
-    targets.update({name: str(_planted(tmp, name)) for name in PLANTED})
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        jobs = {name: pool.submit(grading.grade_exercise, EXERCISE, target, TIMEOUT)
-                for name, target in targets.items()}
-        return {name: job.result() for name, job in jobs.items()}
+def graded(tmp_path_factory):
+    return grade_all(EXERCISE, PLANTED, tmp_path_factory.mktemp("grader_ex07"), TIMEOUT)
 
 
 def test_solutions_score_full_marks(graded):
-    result = graded["solutions"]
-    assert not result.error, result.error
-    failed = [(c.name, c.reason) for c in result.checks if c.outcome != "passed"]
-    assert not failed, f"the solution fails: {failed}"
-    assert result.score == result.max_score > 0
+    assert_full_marks(graded["solutions"])
 
 
 def test_untouched_stubs_score_zero(graded):
-    result = graded["stubs"]
-    assert not result.error, result.error
-    assert result.max_score > 0 and result.score == 0
-    for check in result.checks:
-        assert check.outcome == "failed"
-        assert "NotImplementedError" in check.reason, check
+    assert_zero(graded["stubs"])
 
 
 @pytest.mark.parametrize("name", sorted(PLANTED))
 def test_planted_bug_costs_points(graded, name):
-    _, _, check_name, words = PLANTED[name]
-    result = graded[name]
-    assert not result.error, result.error
-    assert 0 < result.score < result.max_score
-    failing = [c for c in result.checks if c.name.startswith(check_name)]
-    assert failing and all(c.outcome == "failed" for c in failing), [(c.name, c.outcome) for c in failing]
-    for check in failing:
-        assert words in check.reason, check.reason
-        assert "\n" not in check.reason and len(check.reason) <= 200
+    assert_costs_points(graded[name], PLANTED[name])
