@@ -14,7 +14,7 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
     clip         chapter 5: our CLIP and tokenizer equal open_clip's; a tiny CLIP trained here
                  classifies colour-shape pairs it never saw
 
-    tinymm tour                 # every stop (about a minute on a 2-core CPU)
+    tinymm tour                 # every stop (about two minutes on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
     tinymm tour --only attention,contrastive
     tinymm tour --list
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(
         f"Tour done in {time.perf_counter() - start:.0f} s: {passed} of {len(stops)} stop(s) checked out. "
-        "Next: `make test`, `tinymm grade ex01`, `tinymm bench attention`, `tinymm bench contrastive`"
+        "Next: `make test`, `tinymm grade ex01`, `tinymm train clip`, `tinymm bench attention`"
         f"{'' if _on_path('tinymm') else ' (tinymm lives in .venv/bin: run `source .venv/bin/activate` first)'}."
     )
     return 0 if passed == len(stops) else 1
