@@ -161,9 +161,10 @@ def test_mini_cifar_is_read_by_torchvision(tmp_path):
     image, label = test[0]
     assert np.asarray(image).shape == (32, 32, 3) and np.asarray(image).dtype == np.uint8
     assert label == test.targets[0]
-    # The real MD5 sums reject the miniature copy unless told otherwise.
-    with pytest.raises(RuntimeError):
+    # The real MD5 sums reject the miniature copy unless told otherwise, with a message that says so.
+    with pytest.raises(ValueError, match="MD5") as err:
         load_cifar10(tmp_path)
+    assert str((tmp_path / "cifar-10-batches-py").resolve()) in str(err.value)
 
 
 def test_missing_cifar_names_the_path(tmp_path):

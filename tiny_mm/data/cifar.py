@@ -34,7 +34,8 @@ def load_cifar10(
     verify_md5: torchvision checks every file against the official MD5 sums; pass False
         to read a copy in the same format with other contents (``write_mini_cifar10``).
     Returns a ``torchvision.datasets.CIFAR10``; item i is ``(transform(PIL image 32x32 RGB), label)``.
-    Raises FileNotFoundError naming the resolved folder it looked in and how to get the data.
+    Raises FileNotFoundError naming the resolved folder it looked in and how to get the data,
+    and ValueError when the files are there but fail the MD5 check.
     """
     root = Path(data_dir).expanduser().resolve()
     folder = root / _FOLDER
@@ -48,7 +49,14 @@ def load_cifar10(
     from torchvision.datasets import CIFAR10
 
     cls = CIFAR10 if verify_md5 else _unverified_cifar10(CIFAR10)
-    return cls(str(root), train=train, transform=transform, download=False)
+    try:
+        return cls(str(root), train=train, transform=transform, download=False)
+    except RuntimeError as error:  # torchvision's "not found or corrupted": every file is there
+        raise ValueError(
+            f"the files in {folder} do not match CIFAR-10's published MD5 sums (a partial "
+            f"download, or another dataset in the same format?). Download it again from "
+            f"{CIFAR10_URL}; for a copy you made yourself, pass verify_md5=False."
+        ) from error
 
 
 def _unverified_cifar10(base: type) -> type:
