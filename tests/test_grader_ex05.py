@@ -11,7 +11,7 @@ from tests.grader_proofs import Planted, assert_costs_points, assert_full_marks,
 pytestmark = pytest.mark.slow
 
 EXERCISE = "ex05_cls_token"
-TIMEOUT = 10.0  # seconds per check: generous, so a loaded machine never fails a correct check
+TIMEOUT = 30.0  # seconds per check: generous, so a loaded machine never fails a correct check
 
 # planted bug -> (text of the solution, its replacement, a check that must fail, words its reason says)
 PLANTED: dict[str, Planted] = {
