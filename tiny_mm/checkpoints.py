@@ -32,7 +32,8 @@ from tiny_mm.clip import CLIP, HEAD_WIDTH, CLIPConfig, ResNetConfig, TextConfig
 from tiny_mm.vit import VisionConfig
 
 __all__ = [
-    "config_from_state_dict", "from_hugging_face", "is_hugging_face", "load_clip", "read_torchscript_state_dict",
+    "config_from_state_dict", "from_hugging_face", "is_hugging_face", "load_clip", "load_whisper",
+    "read_torchscript_state_dict",
 ]
 
 
@@ -386,3 +387,54 @@ def load_clip(
     model.load_state_dict(state_dict, strict=True)  # shapes checked here too
     return model.to(device).eval()
 # ANCHOR_END: load_clip
+
+
+# ---------------------------------------------------------------------------------------------
+# Whisper
+# ---------------------------------------------------------------------------------------------
+
+# ANCHOR: load_whisper
+def load_whisper(
+    path_or_checkpoint: str | Path | Mapping[str, object], *, device: str | torch.device = "cpu"
+) -> torch.nn.Module:
+    """A `tiny_mm.whisper.Whisper` from an openai-whisper checkpoint, or the path of its .pt file.
+
+    The checkpoint is a dict ``{"dims": {n_mels: ..., ..., n_text_layer: ...},
+    "model_state_dict": {...}}`` (openai-whisper's released files hold these two
+    keys, the weights in float16). A file is read with ``weights_only=True``:
+    tensors, numbers and plain containers only, so a pickle that names a
+    function is refused (ValueError) and never run. Keys must match exactly:
+    otherwise ValueError names the missing and unexpected ones. Half-precision
+    weights are copied into the model's float32 parameters.
+    """
+    from tiny_mm.whisper import Whisper, WhisperDims  # here, not at the top: CLIP users need no Whisper
+
+    if isinstance(path_or_checkpoint, (str, Path)):
+        path = Path(path_or_checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}")
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # forbidden globals raise UnpicklingError (or RuntimeError)
+            raise ValueError(f"could not read {path} with weights_only=True: {error}") from error
+    elif isinstance(path_or_checkpoint, Mapping):
+        checkpoint = path_or_checkpoint
+    else:
+        raise ValueError(f"expected a path or a checkpoint dict, got {type(path_or_checkpoint).__name__}")
+    if not isinstance(checkpoint, Mapping) or not {"dims", "model_state_dict"} <= set(checkpoint):
+        keys = sorted(checkpoint) if isinstance(checkpoint, Mapping) else type(checkpoint).__name__
+        raise ValueError(f"a Whisper checkpoint is a dict with 'dims' and 'model_state_dict', got {keys}")
+    state_dict = checkpoint["model_state_dict"]
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(f"'model_state_dict' must be a mapping, got {type(state_dict).__name__}")
+
+    model = Whisper(WhisperDims.from_mapping(checkpoint["dims"]))
+    ours, theirs = set(model.state_dict()), set(state_dict)
+    missing, unexpected = sorted(ours - theirs), sorted(theirs - ours)
+    if missing or unexpected:
+        raise ValueError(
+            f"state dict does not match Whisper: missing keys {missing}, unexpected keys {unexpected}"
+        )
+    model.load_state_dict(state_dict, strict=True)  # shapes checked here; float16 -> float32 by copy_
+    return model.to(device).eval()
+# ANCHOR_END: load_whisper
