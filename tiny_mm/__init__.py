@@ -40,6 +40,13 @@ _EXPORTS = {
     "shapes_zero_shot": "tiny_mm.train_clip",
     "attention_rollout": "tiny_mm.vit",
     "vit_parameters": "tiny_mm.vit",
+    "WhisperDims": "tiny_mm.whisper",
+    "Whisper": "tiny_mm.whisper",
+    "greedy_decode": "tiny_mm.whisper",
+    "transcribe_prompt": "tiny_mm.whisper",
+    "load_whisper": "tiny_mm.checkpoints",
+    "log_mel_spectrogram": "tiny_mm.audio",
+    "whisper_params": "tiny_mm.counting_whisper",
 }
 
 __all__ = sorted(_EXPORTS)

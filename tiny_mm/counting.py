@@ -623,3 +623,16 @@ def clip_params(model_name: str) -> dict[str, int]:
 
 
 __all__ += ["clip_params", "clip_vit_params", "clip_resnet_params", "clip_text_params"]
+
+
+# Whisper and GPT-2 (chapter 9) live in tiny_mm/counting_whisper.py, which needs the Whisper
+# model's config (and so torch); they are importable from here too, on first use.
+_WHISPER_NAMES = ("whisper_params", "whisper_memory", "whisper_flops", "gpt2_params", "WHISPER_DIMS", "GPT2_SIZES")
+
+
+def __getattr__(name: str):
+    if name in _WHISPER_NAMES:
+        from tiny_mm import counting_whisper
+
+        return getattr(counting_whisper, name)
+    raise AttributeError(f"module 'tiny_mm.counting' has no attribute {name!r}")
