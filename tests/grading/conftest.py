@@ -222,3 +222,27 @@ def learner(request: pytest.FixtureRequest) -> Learner:
     except BaseException as exc:  # noqa: BLE001
         _IMPORT_ERRORS[exercise] = f"could not import {target} ({exercise}): " + describe("the module", exc, None)
     fail(_IMPORT_ERRORS[exercise])
+
+
+def check_close(what: str, got: Any, expected, where: str, tol: float = 1e-5) -> None:
+    """Fail unless ||got - expected|| / ||expected|| < tol (float32 against float64); NaN never passes.
+
+    got: the learner's torch.Tensor; expected: the reference's float64 NumPy array.
+    The one-line reason names the shape, the NaN, or the worst entry.
+    """
+    import numpy as np
+    import torch
+
+    if not isinstance(got, torch.Tensor):
+        fail(f"{what} must be a torch.Tensor, got {type(got).__name__}")
+    got_np = got.detach().to(torch.float64).numpy()
+    if got_np.shape != expected.shape:
+        fail(f"{what} has shape {tuple(got_np.shape)}, expected {tuple(expected.shape)} for {where}")
+    if not np.all(np.isfinite(got_np)):
+        fail(f"{what} contains NaN or inf for {where}")
+    err = float(np.linalg.norm(got_np - expected) / np.linalg.norm(expected))
+    if not err < tol:
+        worst = np.unravel_index(np.argmax(np.abs(got_np - expected)), expected.shape)
+        idx = ", ".join(str(int(i)) for i in worst)
+        fail(f"{what} differs from the reference: rel err {err:.3g} (worst at [{idx}]: expected "
+             f"{expected[worst]:.6g}, got {got_np[worst]:.6g}) for {where}")

@@ -23,14 +23,13 @@ import torch
 from torch import nn
 
 import chapters.ch05_clip_zero_shot.reference as ref
-from tests.grading.conftest import Learner, describe, fail
+from tests.grading.conftest import Learner, check_close, describe, fail
 from tiny_mm.clip import CLIP, CLIPConfig, TextConfig
 from tiny_mm.data.shapes import ZERO_SHOT_TEMPLATES, ShapesConfig, ShapesDataset, class_names, normalize
 from tiny_mm.tokenizer import tokenize
 from tiny_mm.vit import VisionConfig
 
 EXERCISE = "ex02_zero_shot"
-F32_TOL = 1e-5  # relative error against float64 for float32 inputs (DESIGN.md)
 CONTEXT = 16  # the tiny text tower's context length
 IMAGE = 16  # the tiny image tower's input side
 # Adam steps of 32 images at learning rate 5e-3: about 0.7 s of one CPU core. Over training
@@ -72,22 +71,6 @@ def reference_classifier(model: CLIP, classes: list[str], templates: tuple[str, 
         emb = model.encode_text(tok(prompts)).double().numpy()  # (C*T, E)
     return ref.template_ensemble(emb.reshape(len(classes), len(templates), -1))  # (E, C)
 
-
-def check_close(what: str, got: Any, expected: np.ndarray, where: str, tol: float = F32_TOL) -> None:
-    """Fail unless ||got - expected|| / ||expected|| < tol; NaN never passes."""
-    if not isinstance(got, torch.Tensor):
-        fail(f"{what} must be a torch.Tensor, got {type(got).__name__}")
-    got_np = got.detach().to(torch.float64).numpy()
-    if got_np.shape != expected.shape:
-        fail(f"{what} has shape {tuple(got_np.shape)}, expected {tuple(expected.shape)} for {where}")
-    if not np.all(np.isfinite(got_np)):
-        fail(f"{what} contains NaN or inf for {where}")
-    err = float(np.linalg.norm(got_np - expected) / np.linalg.norm(expected))
-    if not err < tol:
-        worst = np.unravel_index(np.argmax(np.abs(got_np - expected)), expected.shape)
-        idx = ", ".join(str(int(i)) for i in worst)
-        fail(f"{what} differs from the reference: rel err {err:.3g} (worst at [{idx}]: expected "
-             f"{expected[worst]:.6g}, got {got_np[worst]:.6g}) for {where}")
 
 
 def expect_value_error(learner: Learner, name: str, why: str, *args: Any, **kwargs: Any) -> None:

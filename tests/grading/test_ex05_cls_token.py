@@ -22,11 +22,10 @@ import torch
 from torch import nn
 
 import chapters.ch03_vit.reference as ref
-from tests.grading.conftest import Learner, describe, fail
+from tests.grading.conftest import Learner, check_close, describe, fail
 
 EXERCISE = "ex05_cls_token"
 CLASS = "PatchEncoderWithCLS"
-F32_TOL = 1e-5  # relative error against float64 for float32 inputs (DESIGN.md)
 # (image_size, patch_size, width, layers, heads, in_channels): small, so the checks run in seconds.
 SMALL = (8, 4, 16, 1, 2, 3)
 CONFIGS = [SMALL, (12, 3, 32, 2, 4, 1)]
@@ -83,22 +82,6 @@ def weights(model: nn.Module, config: tuple[int, ...]) -> tuple[np.ndarray, np.n
     conv = model.conv1.weight
     return (conv.detach().double().numpy(), cls.detach().double().numpy(), pos.detach().double().numpy())
 
-
-def check_close(what: str, got: Any, expected: np.ndarray, where: str, tol: float = F32_TOL) -> None:
-    """Fail unless ||got - expected|| / ||expected|| < tol; NaN never passes."""
-    if not isinstance(got, torch.Tensor):
-        fail(f"{what} must be a torch.Tensor, got {type(got).__name__}")
-    got_np = got.detach().to(torch.float64).numpy()
-    if got_np.shape != expected.shape:
-        fail(f"{what} has shape {tuple(got_np.shape)}, expected {tuple(expected.shape)} for {where}")
-    if not np.all(np.isfinite(got_np)):
-        fail(f"{what} contains NaN or inf for {where}")
-    err = float(np.linalg.norm(got_np - expected) / np.linalg.norm(expected))
-    if not err < tol:
-        worst = np.unravel_index(np.argmax(np.abs(got_np - expected)), expected.shape)
-        idx = ", ".join(str(int(i)) for i in worst)
-        fail(f"{what} differs from the reference: rel err {err:.3g} (worst at [{idx}]: expected "
-             f"{expected[worst]:.6g}, got {got_np[worst]:.6g}) for {where}")
 
 
 def reference_output(model: nn.Module, tokens: np.ndarray) -> np.ndarray:

@@ -28,7 +28,7 @@ from PIL import Image
 from torch import nn
 
 import chapters.ch05_clip_zero_shot.reference as ref
-from tests.grading.conftest import Learner, describe, fail
+from tests.grading.conftest import Learner, check_close, describe, fail
 from tiny_mm.clip import CLIP, CLIPConfig, TextConfig
 from tiny_mm.data.shapes import ShapesConfig, ShapesDataset
 from tiny_mm.tokenizer import tokenize
@@ -36,7 +36,6 @@ from tiny_mm.vit import VisionConfig
 from tiny_mm.zeroshot import clip_preprocess
 
 EXERCISE = "ex07_photo_search"
-F32_TOL = 1e-5  # relative error against float64 for float32 inputs (DESIGN.md)
 SCORE_TOL = 1e-5  # cosine scores lie in [-1, 1]: an absolute tolerance
 CONTEXT = 16  # the tiny text tower's context length
 IMAGE = 16  # the tiny image tower's input side; the files are 32 px, resized by the preprocessing
@@ -140,19 +139,6 @@ def photos(tmp_path_factory) -> dict[str, Any]:
     model = PixelCLIP(tiny_clip())
     return {"folder": folder, "files": files, "model": model, "index": embed_files(model, files)}
 
-
-def check_close(what: str, got: Any, expected: np.ndarray, where: str, tol: float = F32_TOL) -> None:
-    """Fail unless ||got - expected|| / ||expected|| < tol; NaN never passes."""
-    if not isinstance(got, torch.Tensor):
-        fail(f"{what} must be a torch.Tensor, got {type(got).__name__}")
-    got_np = got.detach().to(torch.float64).numpy()
-    if got_np.shape != expected.shape:
-        fail(f"{what} has shape {tuple(got_np.shape)}, expected {tuple(expected.shape)} for {where}")
-    if not np.all(np.isfinite(got_np)):
-        fail(f"{what} contains NaN or inf for {where}")
-    err = float(np.linalg.norm(got_np - expected) / np.linalg.norm(expected))
-    if not err < tol:
-        fail(f"{what} differs from the reference: rel err {err:.3g} for {where}")
 
 
 def expect_error(learner: Learner, expected: type[BaseException], name: str, why: str,
