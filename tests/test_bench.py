@@ -449,12 +449,13 @@ def test_tour_quick_runs_and_every_check_holds():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
     out = done.stdout
     assert done.returncode == 0, out[-3000:] + done.stderr[-2000:]
-    assert "FAIL" not in out and "5 of 5 stop(s) checked out" in out
+    assert "FAIL" not in out and "6 of 6 stop(s) checked out" in out
     # chapter 1: three strategies against FlopCounterMode and the 196 x 128 claim; chapter 2: two rungs
     # under four masks and the gradient check; chapter 3: two patch embeddings, the tower and its
     # parameter count; chapter 4: two rungs and the gradient check; chapter 5: the tokenizer, two
-    # towers, the loss going down and the zero-shot bar
-    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3 + 5
+    # towers, the loss going down and the zero-shot bar; chapter 9: two spectrograms, two model
+    # outputs and six parameter counts
+    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3 + 5 + 10
     chapters = [line.split("Read: ")[1].split()[0] for line in out.splitlines() if "Read: " in line]
     assert chapters == [  # book order
         "chapters/ch01_fusion/README.md",
@@ -462,6 +463,7 @@ def test_tour_quick_runs_and_every_check_holds():
         "chapters/ch03_vit/README.md",
         "chapters/ch04_contrastive/README.md",
         "chapters/ch05_clip_zero_shot/README.md",
+        "chapters/ch09_whisper/README.md",
     ]
     assert "NOT speed figures" in flat(out)
 
@@ -503,10 +505,21 @@ def test_clip_stop_fails_when_zero_shot_is_at_chance(monkeypatch, capsys):
     assert "FAIL" in capsys.readouterr().out
 
 
+def test_whisper_stop_fails_when_a_count_is_off(monkeypatch, capsys):
+    # A formula that forgets one parameter must show up against the models openai-whisper builds.
+    from tiny_mm import counting_whisper
+
+    real = counting_whisper.whisper_params
+    monkeypatch.setattr(counting_whisper, "whisper_params",
+                        lambda dims: {**real(dims), "total": real(dims)["total"] - 1})
+    assert tour.main(["--quick", "--only", "whisper"]) == 1
+    assert "FAIL" in capsys.readouterr().out
+
+
 def test_tour_list_and_unknown_stop(capsys):
     assert tour.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive", "clip"]
+    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive", "clip", "whisper"]
     assert tour.main(["--only", "nowhere"]) == 2
     assert "unknown stop" in capsys.readouterr().err
 

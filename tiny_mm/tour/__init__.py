@@ -13,6 +13,8 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
     contrastive  chapter 4: the three rungs of CLIP's loss agree; their cost
     clip         chapter 5: our CLIP and tokenizer equal open_clip's; a tiny CLIP trained here
                  classifies colour-shape pairs it never saw
+    whisper      chapter 9: the log-mel front end, the model and the parameter counts equal
+                 openai-whisper's
 
     tinymm tour                 # every stop (about two minutes on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
@@ -25,7 +27,7 @@ import argparse
 import sys
 import time
 
-from tiny_mm.tour import attention, clip, contrastive, fusion, vit
+from tiny_mm.tour import attention, clip, contrastive, fusion, vit, whisper
 from tiny_mm.tour.common import Stop, relative_error
 
 __all__ = ["Stop", "STOPS", "relative_error", "main"]
@@ -61,6 +63,12 @@ STOPS: list[Stop] = [
         title="CLIP: the real thing, and a tiny one trained here",
         chapter="chapters/ch05_clip_zero_shot/README.md (notebook: chapters/ch05_clip_zero_shot/notebook.py)",
         run=clip.run,
+    ),
+    Stop(
+        name="whisper",
+        title="Whisper, checked against openai-whisper",
+        chapter="chapters/ch09_whisper/README.md",
+        run=whisper.run,
     ),
 ]
 
