@@ -20,6 +20,7 @@ from tiny_mm.checkpoints import config_from_state_dict, load_clip
 from tiny_mm.clip import CLIP, CLIPConfig, ResNetConfig, TextConfig, TextTransformer
 from tiny_mm.tokenizer import tokenize
 from tiny_mm.vit import VisionConfig
+from tests.numerics import rel_err
 
 torch.set_num_threads(2)
 
@@ -30,13 +31,6 @@ CAPTIONS = [
     "naïve café au lait",
     " ".join(["a very long caption"] * 30),  # truncated to 77 tokens, end token kept
 ]
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite values"
-    return float((out - ref).norm() / ref.norm())
 
 
 def randomize(module, rng):

@@ -20,15 +20,9 @@ from torch import nn
 import chapters.ch03_vit.reference as ref
 from tiny_mm.attention import MultiHeadAttention
 from tiny_mm.vit import VisionConfig, VisionTransformer, attention_rollout, vit_parameters
+from tests.numerics import rel_err
 
 torch.set_num_threads(2)
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite values"
-    return float((out - ref).norm() / ref.norm())
 
 
 def randomize(module, rng):

@@ -22,6 +22,7 @@ from torch import nn
 from whisper.tokenizer import get_tokenizer
 
 from tiny_mm.checkpoints import load_whisper
+from tests.numerics import rel_err
 from tiny_mm.whisper import (
     KVCache, Whisper, WhisperDims, greedy_decode, sinusoids, special_tokens, transcribe_prompt,
 )
@@ -35,13 +36,6 @@ BASE_SHORT = dict(TINY, n_audio_ctx=100, n_audio_state=512, n_audio_head=8, n_au
                   n_text_state=512, n_text_head=8, n_text_layer=6)
 SMALL = dict(n_mels=16, n_audio_ctx=24, n_audio_state=32, n_audio_head=4, n_audio_layer=2,
              n_vocab=51865, n_text_ctx=16, n_text_state=32, n_text_head=4, n_text_layer=2)
-
-
-def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
-    assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
-    assert torch.isfinite(out).all(), "non-finite values"
-    return float((out - ref).norm() / ref.norm())
 
 
 def openai_whisper(dims: dict, rng) -> wm.Whisper:
