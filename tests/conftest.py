@@ -12,6 +12,12 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+def pytest_generate_tests(metafunc):
+    # The grader proofs (tests/grader_proofs.py): one test per bug planted in that file.
+    if "planted_name" in metafunc.fixturenames:
+        metafunc.parametrize("planted_name", sorted(metafunc.module.PLANTED))
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

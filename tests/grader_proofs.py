@@ -7,12 +7,18 @@ text (checked to be there exactly once, so a reworded solution cannot quietly
 turn a proof into a no-op). Then the solution must score full marks, the stub
 zero with NotImplementedError everywhere, and each planted mistake must cost
 points on the check it breaks, with a one-line reason that says why.
+
+A proof file sets EXERCISE, TIMEOUT and PLANTED, and imports the fixture and
+the three tests below; pytest collects them there, and tests/conftest.py
+parametrizes `planted_name` over that file's PLANTED.
 """
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+
+import pytest
 
 from tiny_mm import grading, stubs
 
@@ -68,3 +74,22 @@ def assert_costs_points(result: grading.ExerciseResult, bug: Planted) -> None:
     for check in failing:
         assert bug.words in check.reason, check.reason
         assert "\n" not in check.reason and len(check.reason) <= 200
+
+
+@pytest.fixture(scope="module")
+def graded(request, tmp_path_factory) -> dict[str, grading.ExerciseResult]:
+    proof = request.module
+    return grade_all(proof.EXERCISE, proof.PLANTED, tmp_path_factory.mktemp(f"grader_{proof.EXERCISE}"),
+                     proof.TIMEOUT)
+
+
+def test_solutions_score_full_marks(graded):
+    assert_full_marks(graded["solutions"])
+
+
+def test_untouched_stubs_score_zero(graded):
+    assert_zero(graded["stubs"])
+
+
+def test_planted_bug_costs_points(request, graded, planted_name):
+    assert_costs_points(graded[planted_name], request.module.PLANTED[planted_name])
