@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lab notebooks book setup clean
+.PHONY: demo test lab notebooks book setup speech clean
 
 setup: $(STAMP)
 
@@ -18,8 +18,20 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/tinymm tour
 
-test: $(STAMP)
+test: $(STAMP) speech
 	$(BIN)/python -m pytest -q
+
+# espeak-ng speaks the test sentences for chapter 9 (log-mel on real speech,
+# the tiny digit transcriber). Best effort: installed from Debian's packages
+# where we are root with apt; elsewhere those tests skip and say why.
+speech:
+	@command -v espeak-ng >/dev/null 2>&1 \
+	  || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	       && { apt-get install -y -q --no-install-recommends espeak-ng >/dev/null 2>&1 \
+	            || { apt-get update -q >/dev/null 2>&1 \
+	                 && apt-get install -y -q --no-install-recommends espeak-ng >/dev/null 2>&1; }; } \
+	       && echo "installed espeak-ng (Debian package)"; } \
+	  || echo "espeak-ng not installed (needs root and apt-get): the speech tests will skip"
 
 notebooks: $(STAMP)
 	$(BIN)/python -m tiny_mm.notebooks

@@ -17,6 +17,12 @@ Which keys a query may see (the mask) has two independent parts:
 - ``kv_lengths``: an integer tensor (B,); example b has kv_lengths[b] real keys
   and the rest is padding, so key j is visible only if j < kv_lengths[b].
 
+- ``attn_mask``: any other pattern, a bool tensor broadcastable to
+  (B, H, Lq, Lk), True where the query may see the key. Later chapters need it:
+  Flamingo's media mask, the Q-Former's three masks. It is combined with the
+  two above (a key must pass all of them), and the Triton kernel does not take
+  it (``backend="auto"`` then runs the plain rung).
+
 A query row that sees no key at all (kv_lengths[b] == 0) has no distribution
 to average over: it returns zeros, and its gradients are zero, never NaN.
 
@@ -123,6 +129,29 @@ def _check_causal(causal: bool) -> None:
         raise ValueError(f"causal must be True or False, got {causal!r}")
 
 
+def _check_attn_mask(attn_mask: Tensor | None, shape: tuple[int, int, int, int], device: torch.device) -> None:
+    """ValueError unless attn_mask is None or a bool tensor broadcastable to shape (B, H, Lq, Lk)."""
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, Tensor):
+        raise ValueError(f"attn_mask must be a bool torch.Tensor, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool:
+        raise ValueError(
+            f"attn_mask must be a bool tensor (True = the query may see the key), got dtype {attn_mask.dtype}"
+        )
+    if attn_mask.device != device:
+        raise ValueError(f"attn_mask must be on {device} like the inputs, got {attn_mask.device}")
+    try:
+        torch.broadcast_shapes(tuple(attn_mask.shape), shape)
+        fits = attn_mask.dim() <= 4
+    except RuntimeError:
+        fits = False
+    if not fits or torch.broadcast_shapes(tuple(attn_mask.shape), shape) != shape:
+        raise ValueError(
+            f"attn_mask must broadcast to (B, H, Lq, Lk) = {shape}, got shape {tuple(attn_mask.shape)}"
+        )
+
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -134,6 +163,7 @@ def visible_mask(
     *,
     causal: bool = False,
     kv_lengths: Tensor | None = None,
+    attn_mask: Tensor | None = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Which keys each query may see.
@@ -142,11 +172,13 @@ def visible_mask(
         batch, lq, lk: B, Lq, Lk.
         causal: query i sees key j only if j <= i (top-left aligned).
         kv_lengths: int tensor (B,); key j of example b is visible only if j < kv_lengths[b].
-        device: where to build the mask (default: kv_lengths' device, else the CPU).
+        attn_mask: bool, broadcastable to (B, H, Lq, Lk); True where the query may see the key.
+        device: where to build the mask (default: the device of kv_lengths or
+            attn_mask, else the CPU).
 
     Returns:
-        bool (B, 1, Lq, Lk), True where query i of example b may see key j. The
-        head axis has size 1: every head of an example sees the same keys.
+        bool (B, 1, Lq, Lk), True where query i of example b may see key j; with
+        an attn_mask that varies over heads, (B, H, Lq, Lk).
     """
     for name, size in (("batch", batch), ("lq", lq), ("lk", lk)):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
@@ -154,6 +186,10 @@ def visible_mask(
     if kv_lengths is not None:
         device = kv_lengths.device
         _check_kv_lengths(kv_lengths, batch, lk, device)
+    if attn_mask is not None:
+        device = attn_mask.device if device is None else torch.device(device)
+        heads = attn_mask.shape[-3] if attn_mask.dim() >= 3 else 1
+        _check_attn_mask(attn_mask, (batch, heads, lq, lk), device)
     rows = torch.arange(lq, device=device)[:, None]  # (Lq, 1): query positions i
     cols = torch.arange(lk, device=device)[None, :]  # (1, Lk): key positions j
     visible = torch.ones(batch, 1, lq, lk, dtype=torch.bool, device=device)  # (B, 1, Lq, Lk)
@@ -162,11 +198,19 @@ def visible_mask(
     if kv_lengths is not None:
         lengths = kv_lengths.to(torch.long)[:, None, None, None]  # (B, 1, 1, 1)
         visible = visible & (cols < lengths)  # (B, 1, Lq, Lk): j < kv_lengths[b]
+    if attn_mask is not None:
+        visible = visible & attn_mask  # (B, 1 or H, Lq, Lk)
     return visible
 
 
 def _safe_mask(
-    batch: int, lq: int, lk: int, causal: bool, kv_lengths: Tensor | None, device: torch.device
+    batch: int,
+    lq: int,
+    lk: int,
+    causal: bool,
+    kv_lengths: Tensor | None,
+    device: torch.device,
+    attn_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor] | tuple[None, None]:
     """The mask a softmax can use without NaN, and which rows see any key at all.
 
@@ -176,12 +220,14 @@ def _safe_mask(
     zeroed afterwards with `torch.where`, which also sends them zero gradient.
 
     Returns:
-        (mask, any_visible): bool (B, 1, Lq, Lk) and bool (B, 1, Lq, 1), or
-        (None, None) when nothing is masked.
+        (mask, any_visible): bool (B, 1, Lq, Lk) and bool (B, 1, Lq, 1) (H for
+        1 where attn_mask varies over heads), or (None, None) when nothing is masked.
     """
-    if not causal and kv_lengths is None:
+    if not causal and kv_lengths is None and attn_mask is None:
         return None, None
-    visible = visible_mask(batch, lq, lk, causal=causal, kv_lengths=kv_lengths, device=device)
+    visible = visible_mask(
+        batch, lq, lk, causal=causal, kv_lengths=kv_lengths, attn_mask=attn_mask, device=device
+    )
     any_visible = visible.any(dim=-1, keepdim=True)  # (B, 1, Lq, 1)
     return visible | ~any_visible, any_visible  # (B, 1, Lq, Lk), (B, 1, Lq, 1)
 # ANCHOR_END: mask
@@ -199,6 +245,7 @@ def scaled_dot_product_attention(
     causal: bool = False,
     kv_lengths: Tensor | None = None,
     scale: float | None = None,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """softmax(scale * q k^T, over the visible keys) v, with the (Lq, Lk) matrix in memory.
 
@@ -211,19 +258,22 @@ def scaled_dot_product_attention(
         kv_lengths: int tensor (B,) on q's device; key j of example b is visible
             only if j < kv_lengths[b].
         scale: multiplies the scores; default 1 / sqrt(D).
+        attn_mask: bool, broadcastable to (B, H, Lq, Lk); True where the query may
+            see the key. Combined with causal and kv_lengths.
 
     Returns:
         (B, H, Lq, Dv), in q's dtype. A query row that sees no key gives zeros.
     """
     _check_qkv(q, k, v)
     _check_causal(causal)
-    batch, _, lq, head_dim = q.shape
+    batch, heads, lq, head_dim = q.shape
     lk = k.shape[2]
     _check_kv_lengths(kv_lengths, batch, lk, q.device)
+    _check_attn_mask(attn_mask, (batch, heads, lq, lk), q.device)
     scale = _resolve_scale(scale, head_dim)
 
     scores = scale * (q @ k.transpose(-2, -1))  # (B, H, Lq, Lk)
-    mask, any_visible = _safe_mask(batch, lq, lk, causal, kv_lengths, q.device)
+    mask, any_visible = _safe_mask(batch, lq, lk, causal, kv_lengths, q.device, attn_mask)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, Lq, Lk): exp(-inf) = 0
     # Softmax in float32 at least: half precision loses the small probabilities.
@@ -237,18 +287,25 @@ def scaled_dot_product_attention(
 
 # ANCHOR: torch_sdpa
 def _torch_sdpa(
-    q: Tensor, k: Tensor, v: Tensor, *, causal: bool, kv_lengths: Tensor | None, scale: float
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    kv_lengths: Tensor | None,
+    scale: float,
+    attn_mask: Tensor | None = None,
 ) -> Tensor:
     """The same attention through ``F.scaled_dot_product_attention`` (fused kernels, no NaN).
 
     Shapes as `scaled_dot_product_attention`; the inputs are assumed checked.
     """
-    if kv_lengths is None:
+    if kv_lengths is None and attn_mask is None:
         # is_causal lets PyTorch pick its flash kernel; with causal alone every row
         # sees at least key 0, so there is no empty row to fix.
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)  # (B, H, Lq, Dv)
     batch, _, lq, _ = q.shape
-    mask, any_visible = _safe_mask(batch, lq, k.shape[2], causal, kv_lengths, q.device)
+    mask, any_visible = _safe_mask(batch, lq, k.shape[2], causal, kv_lengths, q.device, attn_mask)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, H, Lq, Dv)
     # Depending on the version and kernel, SDPA returns NaN or zeros for a row that sees
     # nothing; the safe mask made it finite, and this makes it zero like the other rungs.
@@ -397,17 +454,29 @@ class MultiHeadAttention(nn.Module):
     # ANCHOR_END: project_qkv
 
     def _attend(
-        self, q: Tensor, k: Tensor, v: Tensor, causal: bool, kv_lengths: Tensor | None
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        causal: bool,
+        kv_lengths: Tensor | None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Run the chosen backend on (B, H, L, Dh) heads; returns (B, H, Lq, Dh)."""
         options = {"causal": causal, "kv_lengths": kv_lengths, "scale": 1.0 / math.sqrt(self.head_dim)}
         backend = self.backend
         if backend == "auto":
-            backend = "triton" if q.is_cuda and _kernel_can_run(q, v) else "torch"
+            fused = q.is_cuda and _kernel_can_run(q, v) and attn_mask is None
+            backend = "triton" if fused else "torch"
         if backend == "torch":
-            return scaled_dot_product_attention(q, k, v, **options)  # (B, H, Lq, Dh)
+            return scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, **options)  # (B, H, Lq, Dh)
         if backend == "sdpa":
-            return _torch_sdpa(q, k, v, **options)  # (B, H, Lq, Dh)
+            return _torch_sdpa(q, k, v, attn_mask=attn_mask, **options)  # (B, H, Lq, Dh)
+        if attn_mask is not None:
+            raise ValueError(
+                "the Triton kernel takes causal and kv_lengths masks only, not an attn_mask; "
+                'use backend="torch" or "sdpa" (or "auto", which picks the plain rung) for this module'
+            )
         import kernels  # "triton": imported by __init__; "auto": on CUDA, where import order is free
 
         # The kernel takes any strides: split_heads' transposed views are read in place.
@@ -455,6 +524,7 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         kv_lengths: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """Attend from query to key/value.
 
@@ -464,6 +534,8 @@ class MultiHeadAttention(nn.Module):
             value: (B, Lk, vdim); None means value = key.
             causal: query i sees key j only if j <= i.
             kv_lengths: int tensor (B,); key j of example b is visible only if j < kv_lengths[b].
+            attn_mask: bool, broadcastable to (B, H, Lq, Lk); True where the query
+                may see the key (e.g. Flamingo's media mask). Not for the Triton backend.
 
         Returns:
             (B, Lq, E). A query that sees no key (kv_lengths[b] == 0) attends to
@@ -476,12 +548,14 @@ class MultiHeadAttention(nn.Module):
         self._check_inputs(query, key, value)
         _check_causal(causal)
         _check_kv_lengths(kv_lengths, query.shape[0], key.shape[1], query.device)
+        shape = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+        _check_attn_mask(attn_mask, shape, query.device)
 
         q, k, v = self._project_qkv(query, key, value)  # (B, Lq, E), (B, Lk, E), (B, Lk, E)
         q = split_heads(q, self.num_heads)  # (B, H, Lq, Dh)
         k = split_heads(k, self.num_heads)  # (B, H, Lk, Dh)
         v = split_heads(v, self.num_heads)  # (B, H, Lk, Dh)
-        heads = self._attend(q, k, v, causal, kv_lengths)  # (B, H, Lq, Dh)
+        heads = self._attend(q, k, v, causal, kv_lengths, attn_mask)  # (B, H, Lq, Dh)
         return self.out_proj(merge_heads(heads))  # (B, Lq, E)
     # ANCHOR_END: MultiHeadAttention_forward
 
@@ -494,6 +568,7 @@ class MultiHeadAttention(nn.Module):
         *,
         causal: bool = False,
         kv_lengths: Tensor | None = None,
+        attn_mask: Tensor | None = None,
     ) -> Tensor:
         """The attention probabilities forward uses: softmax(q k^T / sqrt(Dh)) per head.
 
@@ -513,13 +588,15 @@ class MultiHeadAttention(nn.Module):
         self._check_inputs(query, key, value)
         _check_causal(causal)
         _check_kv_lengths(kv_lengths, query.shape[0], key.shape[1], query.device)
+        shape = (query.shape[0], self.num_heads, query.shape[1], key.shape[1])
+        _check_attn_mask(attn_mask, shape, query.device)
 
         q, k, _ = self._project_qkv(query, key, value)  # (B, Lq, E), (B, Lk, E); the values are not needed
         q = split_heads(q, self.num_heads)  # (B, H, Lq, Dh)
         k = split_heads(k, self.num_heads)  # (B, H, Lk, Dh)
         scores = (1.0 / math.sqrt(self.head_dim)) * (q @ k.transpose(-2, -1))  # (B, H, Lq, Lk), as _attend scales
         batch, lq, lk = query.shape[0], query.shape[1], key.shape[1]
-        mask, any_visible = _safe_mask(batch, lq, lk, causal, kv_lengths, query.device)
+        mask, any_visible = _safe_mask(batch, lq, lk, causal, kv_lengths, query.device, attn_mask)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))  # (B, H, Lq, Lk)
         probs = torch.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32))

@@ -81,10 +81,12 @@ class TransformerBlock(nn.Module):
             ``attn.in_proj_weight``, named as in ``nn.MultiheadAttention`` (and
             CLIP's checkpoints); see `MultiHeadAttention`.
 
-    Shapes: forward(x (B, L, d), kv_lengths (B,) or None) -> (B, L, d).
+    Shapes: forward(x (B, L, d), kv_lengths (B,) or None, attn_mask or None) -> (B, L, d).
         kv_lengths[b] = number of valid tokens of example b (the rest is
         padding at the end): no token attends to a padding token. Padding
         positions still produce (meaningless) outputs; pool them away.
+        attn_mask: bool, broadcastable to (B, h, L, L), True where token i may
+        see token j (any other pattern, e.g. the Q-Former's).
     """
 
     def __init__(
@@ -106,9 +108,13 @@ class TransformerBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_hidden(width, mlp_ratio))
 
-    def forward(self, x: Tensor, kv_lengths: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, kv_lengths: Tensor | None = None, attn_mask: Tensor | None = None
+    ) -> Tensor:
         _check_tokens("x", x, self.width)
-        x = x + self.attn(self.ln_1(x), causal=self.causal, kv_lengths=kv_lengths)  # (B, L, d)
+        x = x + self.attn(
+            self.ln_1(x), causal=self.causal, kv_lengths=kv_lengths, attn_mask=attn_mask
+        )  # (B, L, d)
         return x + self.mlp(self.ln_2(x))  # (B, L, d)
 # ANCHOR_END: TransformerBlock
 
@@ -135,8 +141,11 @@ class CrossAttentionBlock(nn.Module):
         mlp_ratio: MLP hidden size is int(d * mlp_ratio).
 
     Shapes: forward(x (B, Lq, d), context (B, Lk, context_width),
-        context_lengths (B,) or None) -> (B, Lq, d). context_lengths[b] =
-        number of valid context tokens of example b (padding at the end).
+        context_lengths (B,) or None, attn_mask or None) -> (B, Lq, d).
+        context_lengths[b] = number of valid context tokens of example b
+        (padding at the end). attn_mask: bool, broadcastable to (B, h, Lq, Lk),
+        True where a query token may read a context token (e.g. Flamingo's
+        media mask: each text token reads only its own image).
     """
 
     def __init__(
@@ -154,7 +163,13 @@ class CrossAttentionBlock(nn.Module):
         self.ln_2 = nn.LayerNorm(width)
         self.mlp = MLP(width, mlp_hidden(width, mlp_ratio))
 
-    def forward(self, x: Tensor, context: Tensor, context_lengths: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor,
+        context_lengths: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
         _check_tokens("x", x, self.width)
         _check_tokens("context", context, self.context_width)
         if context.shape[0] != x.shape[0]:
@@ -162,6 +177,8 @@ class CrossAttentionBlock(nn.Module):
                 f"x and context need the same batch size, got {x.shape[0]} and {context.shape[0]}"
             )
         kv = self.ln_kv(context)  # (B, Lk, context_width): keys and values share one normalised copy
-        x = x + self.cross_attn(self.ln_q(x), kv, kv, kv_lengths=context_lengths)  # (B, Lq, d)
+        x = x + self.cross_attn(
+            self.ln_q(x), kv, kv, kv_lengths=context_lengths, attn_mask=attn_mask
+        )  # (B, Lq, d)
         return x + self.mlp(self.ln_2(x))  # (B, Lq, d)
 # ANCHOR_END: CrossAttentionBlock
