@@ -1,0 +1,1 @@
+"""Adapters that connect a frozen image encoder to a frozen language model (chapter 8)."""
