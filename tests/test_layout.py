@@ -1,6 +1,6 @@
 """The one-way import rule of DESIGN.md, checked on the source (no imports run).
 
-    chapters/*/reference.py : NumPy and the standard library only
+    chapters/*/reference*.py: NumPy and the standard library only
     kernels/                : torch + triton, nothing of the project
     tiny_mm/                : may use kernels (and the chapters' references), never exercises/solutions
     exercises/, solutions/  : imported by nobody but the graders
@@ -30,7 +30,7 @@ def files(pattern: str):
     return sorted(ROOT.glob(pattern))
 
 
-@pytest.mark.parametrize("path", files("chapters/*/reference.py"), ids=lambda p: p.parent.name)
+@pytest.mark.parametrize("path", files("chapters/*/reference*.py"), ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_references_use_numpy_and_the_standard_library_only(path):
     allowed = {"numpy", "__future__"} | set(sys.stdlib_module_names)
     assert imported_top_levels(path) <= allowed, imported_top_levels(path) - allowed
