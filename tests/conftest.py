@@ -37,3 +37,15 @@ def rng(request):
     import numpy as np
 
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test, restored after: the book's tiny models only wait on a
+    second thread, and a module-level set_num_threads would leak into every later test file."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

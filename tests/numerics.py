@@ -15,3 +15,16 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor | np.ndarray) -> float:
     assert out.shape == ref.shape, f"shape {tuple(out.shape)} != {tuple(ref.shape)}"
     assert torch.isfinite(out).all(), "non-finite values"
     return float((out - ref).norm() / ref.norm())
+
+
+def randomize(module: torch.nn.Module, rng: np.random.Generator, scale: float = 0.3) -> None:
+    """Fresh N(0, scale^2) values for every parameter (gates, gains and biases included), so no
+    term of a comparison hides behind an initial zero or one."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.as_tensor(scale * rng.standard_normal(tuple(p.shape))))
+
+
+def float64_weights(module: torch.nn.Module) -> dict[str, np.ndarray]:
+    """The module's state_dict as float64 arrays: what the chapters' NumPy references take."""
+    return {k: v.detach().double().numpy() for k, v in module.state_dict().items()}

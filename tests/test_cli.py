@@ -26,3 +26,17 @@ def test_help_does_not_import_torch():
     code = "import sys, tiny_mm.cli as c; c.main(['--help']); print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip().endswith("False"), done.stdout + done.stderr
+
+
+def test_every_trainer_answers_help(capsys):
+    # Each `tinymm train MODEL` is reached through the table: its module imports and its
+    # parser prints its options (argparse exits 0 on --help).
+    import pytest
+
+    for model in cli.TRAINERS:
+        with pytest.raises(SystemExit) as done:
+            cli.main(["train", model, "--help"])
+        assert done.value.code == 0, model
+        assert "usage" in capsys.readouterr().out, model
+    assert cli.main(["train", "nonesuch"]) == 2
+    assert "unknown model 'nonesuch'" in capsys.readouterr().err

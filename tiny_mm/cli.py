@@ -13,12 +13,15 @@ COMMANDS = {
     "bench": ("tiny_mm.bench", "time the NumPy, PyTorch and Triton rungs of a chapter"),
     "tour": ("tiny_mm.tour", "every chapter's core result in a few minutes on CPU"),
     "zeroshot": ("tiny_mm.zeroshot", "zero-shot classification of CIFAR-10 with a CLIP checkpoint"),
-    "train": ("tiny_mm.cli", "train a tiny model on generated data: 'tinymm train clip'"),
+    "train": ("tiny_mm.cli", "train a tiny model on generated data: clip, captioner, adapters, whisper-digits"),
 }
 
 # `tinymm train MODEL [ARGS...]`: the module whose main(argv) trains MODEL.
 TRAINERS = {
     "clip": "tiny_mm.train_clip",
+    "captioner": "tiny_mm.train_captioner",
+    "adapters": "tiny_mm.train_adapters",
+    "whisper-digits": "tiny_mm.train_whisper_digits",
 }
 
 

@@ -13,10 +13,17 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
     contrastive  chapter 4: the three rungs of CLIP's loss agree; their cost
     clip         chapter 5: our CLIP and tokenizer equal open_clip's; a tiny CLIP trained here
                  classifies colour-shape pairs it never saw
+    captioning   chapter 6: the decoder layer against the NumPy reference; cached decoding equals
+                 uncached; a captioner trained here captions held-out images
+    perceiver    chapter 7: Fourier features and the Perceiver IO cost formula against the
+                 reference and torch's FLOP counter; a Perceiver that reads raw pixels
+    adapters     chapter 8: the media mask against its reference; Flamingo with closed gates is
+                 the frozen model exactly; LLaVA's prefix and the Q-Former's three masks
+                 against the NumPy reference
     whisper      chapter 9: the log-mel front end, the model and the parameter counts equal
                  openai-whisper's
 
-    tinymm tour                 # every stop (about two minutes on a 2-core CPU)
+    tinymm tour                 # every stop (about four minutes on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
     tinymm tour --only attention,contrastive
     tinymm tour --list
@@ -27,7 +34,7 @@ import argparse
 import sys
 import time
 
-from tiny_mm.tour import attention, clip, contrastive, fusion, vit, whisper
+from tiny_mm.tour import adapters, attention, captioning, clip, contrastive, fusion, perceiver, vit, whisper
 from tiny_mm.tour.common import Stop, relative_error
 
 __all__ = ["Stop", "STOPS", "relative_error", "main"]
@@ -65,9 +72,27 @@ STOPS: list[Stop] = [
         run=clip.run,
     ),
     Stop(
+        name="captioning",
+        title="Image captioning: words that read patches",
+        chapter="chapters/ch06_captioning/README.md (notebook: chapters/ch06_captioning/notebook.py)",
+        run=captioning.run,
+    ),
+    Stop(
+        name="perceiver",
+        title="Perceiver: latents that read raw pixels",
+        chapter="chapters/ch07_perceiver/README.md (notebook: chapters/ch07_perceiver/notebook.py)",
+        run=perceiver.run,
+    ),
+    Stop(
+        name="adapters",
+        title="Adapters: Flamingo's gates and media mask, LLaVA's prefix",
+        chapter="chapters/ch08_vlm_adapters/README.md (notebook: chapters/ch08_vlm_adapters/notebook.py)",
+        run=adapters.run,
+    ),
+    Stop(
         name="whisper",
         title="Whisper, checked against openai-whisper",
-        chapter="chapters/ch09_whisper/README.md",
+        chapter="chapters/ch09_whisper/README.md (notebook: chapters/ch09_whisper/notebook.py)",
         run=whisper.run,
     ),
 ]
@@ -114,13 +139,15 @@ def main(argv: list[str] | None = None) -> int:
     for i, stop in enumerate(stops, 1):
         print()
         print(f"== Stop {i} of {len(stops)}: {stop.title} ==")
+        stop_start = time.perf_counter()
         try:
             ok = stop.run(args.quick)
         except Exception as err:  # a broken stop is reported, and the tour goes on
             print(f"   this stop failed: {type(err).__name__}: {err}")
             ok = False
         passed += ok
-        print(f"-> {'all checks held' if ok else 'SOME CHECKS FAILED'}. Read: {stop.chapter}")
+        seconds = time.perf_counter() - stop_start
+        print(f"-> {'all checks held' if ok else 'SOME CHECKS FAILED'} ({seconds:.0f} s). Read: {stop.chapter}")
     print()
     print(
         f"Tour done in {time.perf_counter() - start:.0f} s: {passed} of {len(stops)} stop(s) checked out. "
