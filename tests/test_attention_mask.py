@@ -86,7 +86,7 @@ def test_mha_mask_hides_keys_exactly(rng):
 def test_visible_mask_combines_attn_mask():
     mask = torch.tensor([[True, False, True], [False, True, True]])  # (Lq, Lk) = (2, 3)
     got = visible_mask(2, 2, 3, causal=True, kv_lengths=torch.tensor([3, 1]), attn_mask=mask)
-    expected = np.array(mask)[None, None] & ref.visible_mask(2, 2, 3, True, np.array([3, 1]))
+    expected = mask.numpy()[None, None] & ref.visible_mask(2, 2, 3, True, np.array([3, 1]))
     assert got.shape == (2, 1, 2, 3)
     assert np.array_equal(got.numpy(), expected)
 

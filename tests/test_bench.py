@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -456,18 +457,15 @@ def test_tour_quick_runs_and_every_check_holds():
     # chapter 1: three strategies against FlopCounterMode and the 196 x 128 claim; chapter 2: two rungs
     # under four masks and the gradient check; chapter 3: two patch embeddings, the tower and its
     # parameter count; chapter 4: two rungs and the gradient check; chapter 5: the tokenizer, two
-    # towers, the loss going down and the zero-shot bar; chapter 9: two spectrograms, two model
-    # outputs and six parameter counts
-    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3 + 5 + 10
+    # towers, the loss going down and the zero-shot bar; chapter 8: the media mask, closed gates,
+    # three Q-Former masks; chapter 9: two spectrograms, two model outputs and six parameter counts
+    assert out.count(" ok") >= 4 + 8 + 1 + 4 + 3 + 5 + 3 + 10
     chapters = [line.split("Read: ")[1].split()[0] for line in out.splitlines() if "Read: " in line]
-    assert chapters == [  # book order
-        "chapters/ch01_fusion/README.md",
-        "chapters/ch02_attention/README.md",
-        "chapters/ch03_vit/README.md",
-        "chapters/ch04_contrastive/README.md",
-        "chapters/ch05_clip_zero_shot/README.md",
-        "chapters/ch09_whisper/README.md",
-    ]
+    assert len(chapters) == len(STOPS)
+    for path in chapters:
+        assert (Path(__file__).parents[1] / path).is_file(), f"the tour points to {path}, which does not exist"
+    numbers = [int(path.split("/ch")[1][:2]) for path in chapters]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers), f"not in book order: {chapters}"
     assert "NOT speed figures" in flat(out)
 
 
@@ -522,7 +520,9 @@ def test_whisper_stop_fails_when_a_count_is_off(monkeypatch, capsys):
 def test_tour_list_and_unknown_stop(capsys):
     assert tour.main(["--list"]) == 0
     listed = capsys.readouterr().out
-    assert [line.split()[0] for line in listed.splitlines()] == ["fusion", "attention", "vit", "contrastive", "clip", "whisper"]
+    assert [line.split()[0] for line in listed.splitlines()] == [stop.name for stop in tour.STOPS]
+    for name in ("fusion", "attention", "vit", "contrastive", "clip", "captioning", "perceiver", "adapters", "whisper"):
+        assert name in listed
     assert tour.main(["--only", "nowhere"]) == 2
     assert "unknown stop" in capsys.readouterr().err
 

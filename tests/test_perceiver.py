@@ -27,13 +27,7 @@ from tiny_mm.perceiver import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: these models are tiny, and two threads on a busy 2-core machine only wait on each other."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 def randomize(module: nn.Module, rng) -> None:

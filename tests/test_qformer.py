@@ -26,13 +26,7 @@ from tiny_mm.adapters.qformer import (
     objective_mask, qformer_losses, query_pass_flops, sample_hard_negatives, train_step,
 )
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: a second thread only adds waiting on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 SMALL = dict(num_queries=3, width=16, heads=2, depth=3, image_width=10, vocab_size=20, max_text_len=8)

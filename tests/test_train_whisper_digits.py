@@ -35,7 +35,7 @@ from tiny_mm.train_whisper_digits import (
 from tiny_mm.whisper import Whisper, greedy_decode
 
 SECONDS = 0.4  # 40 mel frames, 20 encoder positions: fast, and the code does not care
-torch.set_num_threads(1)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only waits
 
 
 def random_clips(rng, n: int) -> SpokenDigits:
