@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tiny_mm.checks import check_ints, check_optimiser, check_threads
 from tiny_mm.adapters.flamingo import FlamingoLM
 from tiny_mm.adapters.llava import LlavaProjector, PrefixLM
 from tiny_mm.data.shapes import POSITIONS, SHAPES, SIZES, WHERE_WORDS, ShapesConfig, ShapesDataset, normalize
@@ -106,10 +107,7 @@ class AdapterConfig:
     gate_every: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "encoder_steps", "lm_steps", "train_images", "eval_images", "gate_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        check_ints(self, positive=("steps", "batch_size", "encoder_steps", "lm_steps", "train_images", "eval_images", "gate_every"))
         if self.features not in ("vit", "labels"):
             raise ValueError(f"features must be 'vit' or 'labels', got {self.features!r}")
         if self.lm_stream not in STREAMS:
@@ -117,10 +115,8 @@ class AdapterConfig:
         unknown = [a for a in self.adapters if a not in ADAPTERS]
         if unknown or not self.adapters:
             raise ValueError(f"adapters must be a non-empty tuple from {ADAPTERS}, got {self.adapters!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        check_optimiser(self.lr)
+        check_threads(self.threads)
 # ANCHOR_END: AdapterConfig
 
 

@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from tiny_mm.checks import check_ints, check_optimiser, check_threads
 from tiny_mm.captioning import (
     Captioner,
     CaptionerConfig,
@@ -84,22 +85,11 @@ class TrainConfig:
     model: CaptionerConfig = field(default_factory=CaptionerConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_images", "eval_images"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
-            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        check_ints(self, positive=("steps", "batch_size", "train_images", "eval_images"), non_negative=("seed", "warmup"))
+        check_optimiser(self.lr, self.weight_decay)
         if self.batch_size > self.train_images:
             raise ValueError(f"batch_size {self.batch_size} is larger than the pool of {self.train_images} images")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        check_threads(self.threads)
         if not isinstance(self.model, CaptionerConfig):
             raise ValueError(f"model must be a CaptionerConfig, got {type(self.model).__name__}")
         if self.model.vocab_size != len(shapes_vocab()):

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tiny_mm.checks import check_ints, check_optimiser, check_threads
 from tiny_mm.data.spoken_digits import (
     EOT, HELDOUT_VOICES, PAD, SOT, TRAIN_VOICES, DigitTokenizer, SpokenDigits, draw_speakers,
     make_clips, require_espeak, split_strings, word_error_rate,
@@ -106,23 +107,11 @@ class DigitsConfig:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "train_clips", "eval_clips"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        for name in ("seed", "warmup"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
-            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
-        if not (isinstance(self.weight_decay, (int, float)) and 0 <= self.weight_decay < 1):
-            raise ValueError(f"weight_decay must be in [0, 1), got {self.weight_decay!r}")
+        check_ints(self, positive=("steps", "batch_size", "train_clips", "eval_clips"), non_negative=("seed", "warmup"))
+        check_optimiser(self.lr, self.weight_decay)
         if self.batch_size > self.train_clips:
             raise ValueError(f"batch_size {self.batch_size} is larger than the {self.train_clips} train_clips")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 1):
-            raise ValueError(f"threads must be a positive int or None, got {self.threads!r}")
+        check_threads(self.threads)
         tiny_digits_dims(self.seconds)  # checks seconds
         if (len(self.pitches) != 2 or not all(isinstance(p, int) for p in self.pitches)
                 or not 0 <= self.pitches[0] <= self.pitches[1] <= 99):
