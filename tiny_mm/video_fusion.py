@@ -1,0 +1,341 @@
+"""Four ways to fuse three token streams (video, audio, text) into one prediction.
+
+The inputs are already-embedded token sequences (positions included: adding
+them is the embedder's job), so these modules do not depend on the data:
+
+    video (B, Tv, d)          Tv video tokens (frames or tubelets), width d
+    audio (B, Ta, d)          Ta audio tokens (spectrogram patches), width d
+    text  (B, Tt, d)          Tt text tokens, width d
+    text_lengths (B,) | None  valid text tokens of each example (padding at the
+                              end); None: all Tt are valid
+    -> logits (B, num_classes)
+
+- `EarlyFusion`: a learned modality-type vector is added to each stream's
+  tokens, and one encoder of L blocks runs over [CLS; video; audio; text].
+  Every token sees every token from the first layer on. The CLS token's
+  output, normalised, feeds the head.
+- `LateFusion`: one encoder of L blocks per modality; they never see each
+  other. Each stream is normalised and mean-pooled, the three vectors are
+  concatenated (3d) and a linear head reads them.
+- `CrossModalFusion`: the three encoders of late fusion, then one
+  cross-attention block per modality in which that modality's tokens read the
+  other two modalities' encoder outputs (video reads [audio; text], audio
+  reads [video; text], text reads [video; audio]; all three read the encoder
+  outputs, not each other's updated tokens). Pooled and concatenated as in
+  late fusion.
+- `BottleneckFusion` (Nagrani et al. 2021, "Attention Bottlenecks for
+  Multimodal Fusion", fusion from the first layer on): each modality keeps its
+  own L blocks, and n_bottleneck shared tokens z are the only channel between
+  modalities. In layer l every modality m runs its block over [z; x_m]; the
+  bottleneck part of each output is that modality's copy z_m, and the next
+  layer's z is the mean of the three copies. Video tokens therefore never
+  attend to audio or text tokens; they learn about them only through z, one
+  layer late. With n_bottleneck = 0 the streams are independent (late fusion
+  with the same pooling).
+
+Exact parameter counts of all four are in `tiny_mm.counting_video`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from tiny_mm.layers import CrossAttentionBlock, TransformerBlock
+
+__all__ = [
+    "MODALITIES",
+    "VideoFusionConfig",
+    "EarlyFusion",
+    "LateFusion",
+    "CrossModalFusion",
+    "BottleneckFusion",
+    "STRATEGIES",
+]
+
+MODALITIES = ("video", "audio", "text")  # the order of the streams everywhere in this file
+
+
+@dataclass(frozen=True)
+class VideoFusionConfig:
+    """Sizes shared by the four fusion models.
+
+    width: d, the width of all three token streams.
+    heads: h, attention heads (d divisible by h).
+    layers: L, transformer blocks per encoder (early fusion: in its one encoder).
+    mlp_ratio: MLP hidden size is int(d * mlp_ratio).
+    num_classes: C, the number of logits.
+    n_bottleneck: shared tokens of `BottleneckFusion` (0: no exchange at all);
+        the other models ignore it.
+    """
+
+    width: int = 32
+    heads: int = 4
+    layers: int = 2
+    mlp_ratio: float = 4.0
+    num_classes: int = 8
+    n_bottleneck: int = 4
+
+    def __post_init__(self) -> None:
+        for name in ("width", "heads", "layers", "num_classes"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)):
+            raise ValueError(f"mlp_ratio must be a number, got {self.mlp_ratio!r}")
+        if int(self.width * self.mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio must give an MLP hidden size >= 1, got {self.mlp_ratio}")
+        nb = self.n_bottleneck
+        if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
+            raise ValueError(f"n_bottleneck must be an int >= 0, got {nb!r}")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def check_inputs(
+    video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None, width: int
+) -> None:
+    """ValueError unless video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d) and
+    text_lengths (B,) with values in [1, Tt] fit together."""
+    streams = {"video": video, "audio": audio, "text": text}
+    for name, x in streams.items():
+        if not isinstance(x, Tensor):
+            raise ValueError(
+                f"{name} must be a torch.Tensor of shape (B, T, {width}), got {type(x).__name__}"
+            )
+        if x.dim() != 3 or x.shape[-1] != width:
+            raise ValueError(f"{name} must have shape (B, T, {width}), got {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if x.shape[1] == 0:
+            raise ValueError(f"{name} needs at least one token, got shape {tuple(x.shape)}")
+    batches = {name: x.shape[0] for name, x in streams.items()}
+    if len(set(batches.values())) != 1:
+        raise ValueError(f"video, audio and text need the same batch size, got {batches}")
+    kinds = {name: (x.dtype, x.device) for name, x in streams.items()}
+    if len(set(kinds.values())) != 1:
+        raise ValueError(f"video, audio and text must share dtype and device, got {kinds}")
+    if text_lengths is None:
+        return
+    batch, tt = text.shape[:2]
+    is_tensor = isinstance(text_lengths, Tensor)
+    if not is_tensor or text_lengths.dim() != 1 or text_lengths.shape[0] != batch:
+        shape = tuple(text_lengths.shape) if is_tensor else type(text_lengths).__name__
+        raise ValueError(f"text_lengths must be a (B,) = ({batch},) tensor, got {shape}")
+    if text_lengths.is_floating_point() or text_lengths.is_complex() or text_lengths.dtype == torch.bool:
+        raise ValueError(f"text_lengths must be an integer tensor, got dtype {text_lengths.dtype}")
+    if text_lengths.device != text.device:
+        raise ValueError(f"text_lengths must be on {text.device}, got {text_lengths.device}")
+    if bool((text_lengths < 1).any()) or bool((text_lengths > tt).any()):
+        raise ValueError(f"text_lengths must lie in [1, Tt = {tt}], got {text_lengths.tolist()}")
+
+
+def _mean_tokens(x: Tensor, lengths: Tensor | None) -> Tensor:
+    """Mean over the valid tokens of each example: x (B, T, d), lengths (B,) or None -> (B, d)."""
+    if lengths is None:
+        return x.mean(dim=1)  # (B, d)
+    valid = torch.arange(x.shape[1], device=x.device) < lengths[:, None]  # (B, T)
+    total = (x * valid[..., None].to(x.dtype)).sum(dim=1)  # (B, d): padding contributes nothing
+    return total / lengths[:, None].to(x.dtype)  # (B, d)
+
+
+def _encoder(config: VideoFusionConfig) -> nn.ModuleList:
+    """L TransformerBlocks of width d."""
+    return nn.ModuleList(
+        TransformerBlock(config.width, config.heads, config.mlp_ratio) for _ in range(config.layers)
+    )
+
+
+def _pool_three(
+    norms: nn.ModuleDict, streams: dict[str, Tensor], text_lengths: Tensor | None
+) -> Tensor:
+    """Normalise each stream, mean-pool its valid tokens, concatenate: -> (B, 3d)."""
+    pooled = [
+        _mean_tokens(norms[m](streams[m]), text_lengths if m == "text" else None)  # (B, d)
+        for m in MODALITIES
+    ]
+    return torch.cat(pooled, dim=-1)  # (B, 3d), video | audio | text
+
+
+# --------------------------------------------------------------------------- the models
+
+
+# ANCHOR: EarlyFusion
+class EarlyFusion(nn.Module):
+    """One encoder over [CLS; video; audio; text] with modality-type vectors added.
+
+    Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
+        text_lengths (B,) | None) -> (B, num_classes).
+    """
+
+    def __init__(self, config: VideoFusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.width
+        self.modality = nn.Parameter(torch.randn(len(MODALITIES), d) * 0.02)  # (3, d): which stream
+        self.cls = nn.Parameter(torch.randn(d) * 0.02)  # (d,): reads the whole sequence
+        self.blocks = _encoder(config)
+        self.ln_final = nn.LayerNorm(d)
+        self.head = nn.Linear(d, config.num_classes)
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        check_inputs(video, audio, text, text_lengths, self.config.width)
+        batch = video.shape[0]
+        cls = self.cls.to(video.dtype).expand(batch, 1, -1)  # (B, 1, d)
+        streams = [x + self.modality[i] for i, x in enumerate((video, audio, text))]
+        x = torch.cat([cls, *streams], dim=1)  # (B, 1 + Tv + Ta + Tt, d)
+        # Text comes last, so "key j is valid iff j < 1 + Tv + Ta + text_length" masks its padding.
+        lengths = None if text_lengths is None else 1 + video.shape[1] + audio.shape[1] + text_lengths
+        for block in self.blocks:
+            x = block(x, kv_lengths=lengths)  # (B, 1 + Tv + Ta + Tt, d)
+        return self.head(self.ln_final(x[:, 0]))  # (B, C)
+# ANCHOR_END: EarlyFusion
+
+
+# ANCHOR: LateFusion
+class LateFusion(nn.Module):
+    """Three separate encoders; their pooled outputs meet only in the linear head.
+
+    Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
+        text_lengths (B,) | None) -> (B, num_classes).
+    """
+
+    def __init__(self, config: VideoFusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.width
+        self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
+        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
+
+    def encode(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Each stream through its own encoder: {"video": (B, Tv, d), "audio": ..., "text": ...}."""
+        check_inputs(video, audio, text, text_lengths, self.config.width)
+        streams = {"video": video, "audio": audio, "text": text}
+        for m in MODALITIES:
+            lengths = text_lengths if m == "text" else None
+            for block in self.encoders[m]:
+                streams[m] = block(streams[m], kv_lengths=lengths)  # (B, T_m, d)
+        return streams
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        streams = self.encode(video, audio, text, text_lengths)
+        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
+# ANCHOR_END: LateFusion
+
+
+# ANCHOR: CrossModalFusion
+class CrossModalFusion(nn.Module):
+    """Separate encoders, then each modality's tokens cross-attend to the other two.
+
+    After the three encoders, video reads [audio; text], audio reads
+    [video; text] and text reads [video; audio], all from the encoder outputs
+    (one `CrossAttentionBlock` per modality). Text padding is masked as a key.
+
+    Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
+        text_lengths (B,) | None) -> (B, num_classes).
+    """
+
+    def __init__(self, config: VideoFusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d, h, r = config.width, config.heads, config.mlp_ratio
+        self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
+        self.cross = nn.ModuleDict({m: CrossAttentionBlock(d, h, d, r) for m in MODALITIES})
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
+        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
+
+    def encode(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """Encoders, then cross-attention: {"video": (B, Tv, d), "audio": ..., "text": ...}."""
+        check_inputs(video, audio, text, text_lengths, self.config.width)
+        enc = {"video": video, "audio": audio, "text": text}
+        for m in MODALITIES:
+            lengths = text_lengths if m == "text" else None
+            for block in self.encoders[m]:
+                enc[m] = block(enc[m], kv_lengths=lengths)  # (B, T_m, d)
+        fused = {}
+        for m in MODALITIES:
+            others = [o for o in MODALITIES if o != m]  # text, if there, is last: padding at the end
+            context = torch.cat([enc[o] for o in others], dim=1)  # (B, T_o1 + T_o2, d)
+            lengths = None
+            if text_lengths is not None and "text" in others:
+                lengths = enc[others[0]].shape[1] + text_lengths  # (B,)
+            fused[m] = self.cross[m](enc[m], context, context_lengths=lengths)  # (B, T_m, d)
+        return fused
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        streams = self.encode(video, audio, text, text_lengths)
+        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
+# ANCHOR_END: CrossModalFusion
+
+
+# ANCHOR: BottleneckFusion
+class BottleneckFusion(nn.Module):
+    """Per-modality blocks that exchange information only through n_bottleneck shared tokens.
+
+    Layer l: for each modality m, [z_m; x_m] = block_m[l]([z; x_m]); then
+    z = mean over m of z_m. The bottleneck goes first in each sequence so that
+    text padding stays at the end (kv_lengths = n_bottleneck + text_lengths).
+
+    Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
+        text_lengths (B,) | None) -> (B, num_classes).
+    """
+
+    def __init__(self, config: VideoFusionConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.width
+        self.bottleneck = nn.Parameter(torch.randn(config.n_bottleneck, d) * 0.02)  # (nb, d)
+        self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
+        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
+
+    def encode(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> tuple[dict[str, Tensor], Tensor]:
+        """The L fusion layers: ({"video": (B, Tv, d), ...}, final bottleneck (B, nb, d))."""
+        check_inputs(video, audio, text, text_lengths, self.config.width)
+        nb = self.config.n_bottleneck
+        streams = {"video": video, "audio": audio, "text": text}
+        z = self.bottleneck.to(video.dtype).expand(video.shape[0], -1, -1)  # (B, nb, d)
+        lengths = {m: None for m in MODALITIES}
+        if text_lengths is not None:
+            lengths["text"] = nb + text_lengths  # (B,): z first, then the valid text tokens
+        for layer in range(self.config.layers):
+            copies = []
+            for m in MODALITIES:
+                # The only keys modality m sees: the shared tokens and its own tokens.
+                y = self.encoders[m][layer](torch.cat([z, streams[m]], dim=1), kv_lengths=lengths[m])
+                copies.append(y[:, :nb])  # (B, nb, d): modality m's update of the bottleneck
+                streams[m] = y[:, nb:]  # (B, T_m, d)
+            z = torch.stack(copies).mean(dim=0)  # (B, nb, d): what every modality reads next layer
+        return streams, z
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        streams, _ = self.encode(video, audio, text, text_lengths)
+        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
+# ANCHOR_END: BottleneckFusion
+
+
+STRATEGIES: dict[str, type[nn.Module]] = {
+    "early": EarlyFusion,
+    "late": LateFusion,
+    "cross": CrossModalFusion,
+    "bottleneck": BottleneckFusion,
+}
