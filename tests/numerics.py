@@ -28,3 +28,23 @@ def randomize(module: torch.nn.Module, rng: np.random.Generator, scale: float = 
 def float64_weights(module: torch.nn.Module) -> dict[str, np.ndarray]:
     """The module's state_dict as float64 arrays: what the chapters' NumPy references take."""
     return {k: v.detach().double().numpy() for k, v in module.state_dict().items()}
+
+
+def torch_encoder_layer(block) -> torch.nn.TransformerEncoderLayer:
+    """PyTorch's own pre-LN encoder layer holding a `tiny_mm.layers.TransformerBlock`'s weights, in
+    float64 and eval mode: the independent reference for the book's blocks."""
+    d, h = block.width, block.heads
+    ref = torch.nn.TransformerEncoderLayer(
+        d, h, dim_feedforward=block.mlp.c_fc.out_features, dropout=0.0, activation="gelu",
+        batch_first=True, norm_first=True,
+    ).double()
+    a = block.attn
+    with torch.no_grad():
+        ref.self_attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+        ref.self_attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
+        ref.self_attn.out_proj.load_state_dict(a.out_proj.state_dict())
+        ref.linear1.load_state_dict(block.mlp.c_fc.state_dict())
+        ref.linear2.load_state_dict(block.mlp.c_proj.state_dict())
+        ref.norm1.load_state_dict(block.ln_1.state_dict())
+        ref.norm2.load_state_dict(block.ln_2.state_dict())
+    return ref.eval()  # no dropout

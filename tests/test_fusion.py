@@ -16,6 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from tests.numerics import torch_encoder_layer
+
 from tiny_mm.fusion import CrossModalFusion, EarlyFusion, FusionConfig, LateFusion
 from tiny_mm.layers import MLP, CrossAttentionBlock, TransformerBlock
 
@@ -59,19 +61,7 @@ def test_transformer_block_matches_torch_encoder_layer(rng, causal):
     seed_from(rng)
     d, h, b, n = 12, 3, 2, 7
     block = randomise(TransformerBlock(d, h, mlp_ratio=2.0, causal=causal)).double()
-    ref = nn.TransformerEncoderLayer(
-        d, h, dim_feedforward=2 * d, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-    ).double()
-    a = block.attn
-    with torch.no_grad():
-        ref.self_attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-        ref.self_attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-        ref.self_attn.out_proj.load_state_dict(a.out_proj.state_dict())
-        ref.linear1.load_state_dict(block.mlp.c_fc.state_dict())
-        ref.linear2.load_state_dict(block.mlp.c_proj.state_dict())
-        ref.norm1.load_state_dict(block.ln_1.state_dict())
-        ref.norm2.load_state_dict(block.ln_2.state_dict())
-    ref.eval()  # no dropout; the fast path is off for float64 / grad anyway
+    ref = torch_encoder_layer(block)  # no dropout; the fast path is off for float64 / grad anyway
     x = torch.randn(b, n, d, dtype=torch.float64)
     lengths = torch.tensor([n, 4])
     padding = torch.arange(n)[None, :] >= lengths[:, None]  # (B, L): True = padding key

@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.numerics import randomize, rel_err
+from tests.numerics import randomize, rel_err, torch_encoder_layer
 from tiny_mm.counting_video import fusion_params
 from tiny_mm.layers import CrossAttentionBlock, TransformerBlock
 from tiny_mm.video_fusion import (
@@ -62,23 +62,6 @@ def build(strategy: str, rng, **sizes) -> nn.Module:
 # --------------------------------------------------------------------------- references
 
 
-def torch_layer(block: TransformerBlock) -> nn.TransformerEncoderLayer:
-    """PyTorch's pre-LN encoder layer with the block's weights (float64)."""
-    d, h = block.width, block.heads
-    hidden = block.mlp.c_fc.out_features
-    ref = nn.TransformerEncoderLayer(
-        d, h, dim_feedforward=hidden, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
-    ).double()
-    a = block.attn
-    with torch.no_grad():
-        ref.self_attn.in_proj_weight.copy_(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
-        ref.self_attn.in_proj_bias.copy_(torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]))
-        ref.self_attn.out_proj.load_state_dict(a.out_proj.state_dict())
-        ref.linear1.load_state_dict(block.mlp.c_fc.state_dict())
-        ref.linear2.load_state_dict(block.mlp.c_proj.state_dict())
-        ref.norm1.load_state_dict(block.ln_1.state_dict())
-        ref.norm2.load_state_dict(block.ln_2.state_dict())
-    return ref.eval()
 
 
 def torch_cross(block: CrossAttentionBlock, x, context, pad):
@@ -116,7 +99,7 @@ def reference(model: nn.Module, video, audio, text, lengths) -> torch.Tensor:
         seq = torch.cat([model.cls.expand(len(video), 1, -1), *typed], 1)
         pad = padding(lengths, TT, offset=1 + TV + TA)
         for block in model.blocks:
-            seq = torch_layer(block)(seq, src_key_padding_mask=pad)
+            seq = torch_encoder_layer(block)(seq, src_key_padding_mask=pad)
         return model.head(model.ln_final(seq[:, 0]))
     nb = model.bottleneck.shape[0] if isinstance(model, BottleneckFusion) else 0
     pads = {m: padding(lengths, TT, offset=nb) if m == "text" else None for m in MODALITIES}
@@ -125,7 +108,7 @@ def reference(model: nn.Module, video, audio, text, lengths) -> torch.Tensor:
         for layer in range(model.config.layers):
             copies = []
             for m in MODALITIES:
-                layer_m = torch_layer(model.encoders[m][layer])
+                layer_m = torch_encoder_layer(model.encoders[m][layer])
                 y = layer_m(torch.cat([z, x[m]], 1), src_key_padding_mask=pads[m])
                 copies.append(y[:, :nb])
                 x[m] = y[:, nb:]
@@ -133,7 +116,7 @@ def reference(model: nn.Module, video, audio, text, lengths) -> torch.Tensor:
     else:
         for m in MODALITIES:
             for block in model.encoders[m]:
-                x[m] = torch_layer(block)(x[m], src_key_padding_mask=pads[m])
+                x[m] = torch_encoder_layer(block)(x[m], src_key_padding_mask=pads[m])
     if isinstance(model, CrossModalFusion):
         no_pad = torch.zeros(len(video), TV + TA, dtype=torch.bool)
         contexts = {  # (context, its padding): video reads [audio; text], audio [video; text], ...

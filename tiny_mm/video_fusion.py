@@ -235,36 +235,28 @@ class LateFusion(nn.Module):
 
 
 # ANCHOR: CrossModalFusion
-class CrossModalFusion(nn.Module):
-    """Separate encoders, then each modality's tokens cross-attend to the other two.
+class CrossModalFusion(LateFusion):
+    """Late fusion's separate encoders, then each modality's tokens cross-attend to the other two.
 
-    After the three encoders, video reads [audio; text], audio reads
-    [video; text] and text reads [video; audio], all from the encoder outputs
-    (one `CrossAttentionBlock` per modality). Text padding is masked as a key.
+    After the three encoders (`LateFusion.encode`), video reads [audio; text],
+    audio reads [video; text] and text reads [video; audio], all from the
+    encoder outputs (one `CrossAttentionBlock` per modality). Text padding is
+    masked as a key. Pooling and head are late fusion's.
 
     Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
         text_lengths (B,) | None) -> (B, num_classes).
     """
 
     def __init__(self, config: VideoFusionConfig) -> None:
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         d, h, r = config.width, config.heads, config.mlp_ratio
-        self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
         self.cross = nn.ModuleDict({m: CrossAttentionBlock(d, h, d, r) for m in MODALITIES})
-        self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
-        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
 
     def encode(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
     ) -> dict[str, Tensor]:
         """Encoders, then cross-attention: {"video": (B, Tv, d), "audio": ..., "text": ...}."""
-        check_inputs(video, audio, text, text_lengths, self.config.width)
-        enc = {"video": video, "audio": audio, "text": text}
-        for m in MODALITIES:
-            lengths = text_lengths if m == "text" else None
-            for block in self.encoders[m]:
-                enc[m] = block(enc[m], kv_lengths=lengths)  # (B, T_m, d)
+        enc = super().encode(video, audio, text, text_lengths)  # each stream alone
         fused = {}
         for m in MODALITIES:
             others = [o for o in MODALITIES if o != m]  # text, if there, is last: padding at the end
@@ -274,12 +266,6 @@ class CrossModalFusion(nn.Module):
                 lengths = enc[others[0]].shape[1] + text_lengths  # (B,)
             fused[m] = self.cross[m](enc[m], context, context_lengths=lengths)  # (B, T_m, d)
         return fused
-
-    def forward(
-        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
-    ) -> Tensor:
-        streams = self.encode(video, audio, text, text_lengths)
-        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
 # ANCHOR_END: CrossModalFusion
 
 
