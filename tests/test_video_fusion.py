@@ -2,7 +2,11 @@
 
 - Each model against a float64 reference built here from PyTorch's own
   ``nn.TransformerEncoderLayer`` and ``nn.MultiheadAttention`` (same weights,
-  an independent attention and masking implementation), with text padding.
+  an independent attention and masking implementation), with text padding:
+  the logits, and `features` (fused, streams), whose fused vector through the
+  head is exactly `forward`.
+- Late fusion's streams never see the other modalities; `SingleModality` reads
+  only its own stream and its parameter count follows from `block_params`.
 - Masking: a padded batch gives each example what it gives alone with its text
   cut to its length, and the padding's content changes nothing.
 - Bottleneck fusion's wiring: with n_bottleneck = 0 the streams are independent
@@ -21,7 +25,7 @@ import torch
 from torch import nn
 
 from tests.numerics import randomize, rel_err, torch_encoder_layer
-from tiny_mm.counting_video import fusion_params
+from tiny_mm.counting_video import block_params, fusion_params
 from tiny_mm.layers import CrossAttentionBlock, TransformerBlock
 from tiny_mm.video_fusion import (
     MODALITIES,
@@ -30,6 +34,7 @@ from tiny_mm.video_fusion import (
     CrossModalFusion,
     EarlyFusion,
     LateFusion,
+    SingleModality,
     VideoFusionConfig,
 )
 
@@ -93,14 +98,32 @@ def masked_mean(x, lengths=None):
 
 def reference(model: nn.Module, video, audio, text, lengths) -> torch.Tensor:
     """The model's logits recomputed with PyTorch's layers, from the description in its docstring."""
+    fused, _ = reference_features(model, video, audio, text, lengths)
+    return model.head(fused)
+
+
+def reference_features(model: nn.Module, video, audio, text, lengths):
+    """(fused (B, F), streams {m: (B, d)}) recomputed with PyTorch's layers."""
     x = {"video": video, "audio": audio, "text": text}
+    if isinstance(model, SingleModality):
+        m = model.modality
+        pad = padding(lengths, TT) if m == "text" else None
+        y = x[m]
+        for block in model.encoder:
+            y = torch_encoder_layer(block)(y, src_key_padding_mask=pad)
+        pooled = masked_mean(model.norm(y), lengths if m == "text" else None)
+        return pooled, {m: pooled}
     if isinstance(model, EarlyFusion):
         typed = [x[m] + model.modality[i] for i, m in enumerate(MODALITIES)]
         seq = torch.cat([model.cls.expand(len(video), 1, -1), *typed], 1)
         pad = padding(lengths, TT, offset=1 + TV + TA)
         for block in model.blocks:
             seq = torch_encoder_layer(block)(seq, src_key_padding_mask=pad)
-        return model.head(model.ln_final(seq[:, 0]))
+        out = model.ln_final(seq)
+        ends = {"video": (1, 1 + TV), "audio": (1 + TV, 1 + TV + TA), "text": (1 + TV + TA, None)}
+        parts = {m: out[:, a:b] for m, (a, b) in ends.items()}
+        streams = {m: masked_mean(parts[m], lengths if m == "text" else None) for m in MODALITIES}
+        return out[:, 0], streams
     nb = model.bottleneck.shape[0] if isinstance(model, BottleneckFusion) else 0
     pads = {m: padding(lengths, TT, offset=nb) if m == "text" else None for m in MODALITIES}
     if isinstance(model, BottleneckFusion):
@@ -125,8 +148,8 @@ def reference(model: nn.Module, video, audio, text, lengths) -> torch.Tensor:
             "text": (torch.cat([x["video"], x["audio"]], 1), no_pad),
         }
         x = {m: torch_cross(model.cross[m], x[m], *contexts[m]) for m in MODALITIES}
-    pooled = [masked_mean(model.norms[m](x[m]), lengths if m == "text" else None) for m in MODALITIES]
-    return model.head(torch.cat(pooled, -1))
+    pooled = {m: masked_mean(model.norms[m](x[m]), lengths if m == "text" else None) for m in MODALITIES}
+    return torch.cat([pooled[m] for m in MODALITIES], -1), pooled
 
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
@@ -141,12 +164,92 @@ def test_models_match_torch_reference(rng, strategy):
         assert rel_err(model(video, audio, text), reference(model, video, audio, text, full)) < 1e-12
 
 
+def build_single(modality: str, rng, **sizes) -> SingleModality:
+    defaults = {"width": 12, "heads": 3, "layers": 2, "mlp_ratio": 2.0, "num_classes": 5}
+    model = SingleModality(VideoFusionConfig(**{**defaults, **sizes}), modality).double()
+    randomize(model, rng)
+    return model.eval()
+
+
+ALL_MODELS = [*sorted(STRATEGIES), *(f"single-{m}" for m in MODALITIES)]
+
+
+def build_any(name: str, rng) -> nn.Module:
+    return build_single(name.removeprefix("single-"), rng) if name.startswith("single-") else build(name, rng)
+
+
+@pytest.mark.parametrize("name", ALL_MODELS)
+def test_features_match_reference_and_head_of_fused_is_forward(rng, name):
+    model = build_any(name, rng)
+    video, audio, text, lengths = inputs(rng, 3, 12)
+    with torch.no_grad():
+        features = model.features(video, audio, text, lengths)
+        fused_ref, streams_ref = reference_features(model, video, audio, text, lengths)
+        assert features.fused.shape == (3, model.fused_dim)
+        assert model.fused_dim == (12 if name == "early" or name.startswith("single-") else 36)
+        assert rel_err(features.fused, fused_ref) < 1e-12
+        assert sorted(features.streams) == sorted(streams_ref)
+        for m, ref in streams_ref.items():
+            assert features.streams[m].shape == (3, 12)
+            assert rel_err(features.streams[m], ref) < 1e-12, m
+        assert torch.equal(model.head(features.fused), model(video, audio, text, lengths))
+        # The reference for single modalities is new here: check its logits too.
+        ref = reference(model, video, audio, text, lengths)
+        assert rel_err(model(video, audio, text, lengths), ref) < 1e-12
+
+
+@pytest.mark.parametrize("strategy", ["late", "cross"])
+def test_late_fusion_stream_sees_only_its_modality(rng, strategy):
+    model = build(strategy, rng)
+    video, audio, text, lengths = inputs(rng, 3, 12)
+    with torch.no_grad():
+        before = model.features(video, audio, text, lengths).streams
+        after = model.features(video, _perturb(audio, rng), text, lengths).streams
+    assert not torch.allclose(after["audio"], before["audio"])  # the perturbation arrived
+    for m in ("video", "text"):
+        moved = (after[m] - before[m]).abs().max().item()
+        if strategy == "late":
+            assert moved == 0.0, f"late fusion's {m} stream moved by {moved} when the audio changed"
+        else:
+            assert moved > 1e-6, f"cross-modal {m} stream ignored the audio"
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+def test_single_modality_ignores_the_other_streams(rng, modality):
+    model = build_single(modality, rng)
+    video, audio, text, lengths = inputs(rng, 3, 12)
+    x = {"video": video, "audio": audio, "text": text}
+    with torch.no_grad():
+        out = model(video, audio, text, lengths)
+        others = {m: (v if m == modality else _perturb(v, rng)) for m, v in x.items()}
+        assert torch.equal(model(others["video"], others["audio"], others["text"], lengths), out)
+        own = {m: (_perturb(v, rng) if m == modality else v) for m, v in x.items()}
+        moved = model(own["video"], own["audio"], own["text"], lengths) - out
+    assert moved.abs().max() > 1e-6  # its own stream does matter
+
+
+def test_single_modality_params_by_formula(rng):
+    for _ in range(6):
+        config = random_config(rng)
+        d, C = config.width, config.num_classes
+        for m in MODALITIES:
+            model = SingleModality(config, m)
+            expected = config.layers * block_params(config) + 2 * d + d * C + C  # blocks, LN, head
+            assert numel(model) == expected, f"{m}, {config}"
+            assert numel(model.encoder) == config.layers * block_params(config)
+
+
+def test_single_modality_rejects_unknown_modality():
+    with pytest.raises(ValueError, match="modality"):
+        SingleModality(VideoFusionConfig(), "smell")
+
+
 # --------------------------------------------------------------------------- masking
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", ALL_MODELS)
 def test_padded_text_changes_nothing(rng, strategy):
-    model = build(strategy, rng)
+    model = build_any(strategy, rng)
     video, audio, text, lengths = inputs(rng, 4, 12)
     with torch.no_grad():
         out = model(video, audio, text, lengths)
@@ -283,9 +386,9 @@ def test_fusion_params_match_instantiated_models(rng, strategy):
 # --------------------------------------------------------------------------- numerics, training, errors
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", ALL_MODELS)
 def test_float32_matches_float64_and_gradients_reach_every_parameter(rng, strategy):
-    model = build(strategy, rng)
+    model = build_any(strategy, rng)
     video, audio, text, lengths = inputs(rng, 3, 12)
     with torch.no_grad():
         ref = model(video, audio, text, lengths)
@@ -298,9 +401,9 @@ def test_float32_matches_float64_and_gradients_reach_every_parameter(rng, strate
         assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
-@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("strategy", ALL_MODELS)
 def test_bad_input_raises(rng, strategy):
-    model = build(strategy, rng)
+    model = build_any(strategy, rng)
     video, audio, text, lengths = inputs(rng, 2, 12)
     bad = {
         "width": (video[..., :8], audio, text, lengths),

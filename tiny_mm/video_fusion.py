@@ -33,11 +33,27 @@ them is the embedder's job), so these modules do not depend on the data:
   layer late. With n_bottleneck = 0 the streams are independent (late fusion
   with the same pooling).
 
-Exact parameter counts of all four are in `tiny_mm.counting_video`.
+- `SingleModality`: the baseline. One encoder over one stream (the other two
+  are ignored), normalised, mean-pooled, a linear head.
+
+Besides `forward` (logits), every model has `features(...) -> FusionFeatures`:
+
+    fused   (B, F)        what the head reads; forward(...) = head(features(...).fused)
+    streams {m: (B, d)}   each modality's own pooled, normalised output
+
+F is the attribute `fused_dim`: d for early fusion (its CLS output after
+ln_final) and for a single modality, 3d for late, cross-modal and bottleneck
+fusion (the three pooled streams side by side). For early fusion, streams[m]
+is the mean of m's output tokens after ln_final. The training objectives of
+chapter 10 read these: contrastive losses between streams, masked-modality
+reconstruction and temporal order from `fused`.
+
+Exact parameter counts of the four fusion models are in `tiny_mm.counting_video`.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -47,10 +63,12 @@ from tiny_mm.layers import CrossAttentionBlock, TransformerBlock
 __all__ = [
     "MODALITIES",
     "VideoFusionConfig",
+    "FusionFeatures",
     "EarlyFusion",
     "LateFusion",
     "CrossModalFusion",
     "BottleneckFusion",
+    "SingleModality",
     "STRATEGIES",
 ]
 
@@ -91,6 +109,18 @@ class VideoFusionConfig:
         nb = self.n_bottleneck
         if isinstance(nb, bool) or not isinstance(nb, int) or nb < 0:
             raise ValueError(f"n_bottleneck must be an int >= 0, got {nb!r}")
+
+
+class FusionFeatures(NamedTuple):
+    """What a fusion model computes before its head.
+
+    fused:   (B, F), the head's input (F = the model's `fused_dim`).
+    streams: {modality: (B, d)}, each modality's own pooled, normalised output
+             (a single-modality model has only its own).
+    """
+
+    fused: Tensor
+    streams: dict[str, Tensor]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -134,7 +164,7 @@ def check_inputs(
         raise ValueError(f"text_lengths must lie in [1, Tt = {tt}], got {text_lengths.tolist()}")
 
 
-def _mean_tokens(x: Tensor, lengths: Tensor | None) -> Tensor:
+def mean_tokens(x: Tensor, lengths: Tensor | None) -> Tensor:
     """Mean over the valid tokens of each example: x (B, T, d), lengths (B,) or None -> (B, d)."""
     if lengths is None:
         return x.mean(dim=1)  # (B, d)
@@ -150,15 +180,19 @@ def _encoder(config: VideoFusionConfig) -> nn.ModuleList:
     )
 
 
-def _pool_three(
+def _pool_streams(
     norms: nn.ModuleDict, streams: dict[str, Tensor], text_lengths: Tensor | None
-) -> Tensor:
-    """Normalise each stream, mean-pool its valid tokens, concatenate: -> (B, 3d)."""
-    pooled = [
-        _mean_tokens(norms[m](streams[m]), text_lengths if m == "text" else None)  # (B, d)
+) -> dict[str, Tensor]:
+    """Normalise each stream and mean-pool its valid tokens: {m: (B, d)}."""
+    return {
+        m: mean_tokens(norms[m](streams[m]), text_lengths if m == "text" else None)  # (B, d)
         for m in MODALITIES
-    ]
-    return torch.cat(pooled, dim=-1)  # (B, 3d), video | audio | text
+    }
+
+
+def _concat_features(pooled: dict[str, Tensor]) -> FusionFeatures:
+    """The three pooled streams side by side: fused (B, 3d), video | audio | text."""
+    return FusionFeatures(torch.cat([pooled[m] for m in MODALITIES], dim=-1), pooled)
 
 
 # --------------------------------------------------------------------------- the models
@@ -169,7 +203,8 @@ class EarlyFusion(nn.Module):
     """One encoder over [CLS; video; audio; text] with modality-type vectors added.
 
     Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
-        text_lengths (B,) | None) -> (B, num_classes).
+        text_lengths (B,) | None) -> (B, num_classes); features: fused (B, d), the
+        CLS output after ln_final; streams[m] (B, d), the mean of m's output tokens.
     """
 
     def __init__(self, config: VideoFusionConfig) -> None:
@@ -180,11 +215,12 @@ class EarlyFusion(nn.Module):
         self.cls = nn.Parameter(torch.randn(d) * 0.02)  # (d,): reads the whole sequence
         self.blocks = _encoder(config)
         self.ln_final = nn.LayerNorm(d)
+        self.fused_dim = d
         self.head = nn.Linear(d, config.num_classes)
 
-    def forward(
+    def features(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
-    ) -> Tensor:
+    ) -> FusionFeatures:
         check_inputs(video, audio, text, text_lengths, self.config.width)
         batch = video.shape[0]
         cls = self.cls.to(video.dtype).expand(batch, 1, -1)  # (B, 1, d)
@@ -194,7 +230,18 @@ class EarlyFusion(nn.Module):
         lengths = None if text_lengths is None else 1 + video.shape[1] + audio.shape[1] + text_lengths
         for block in self.blocks:
             x = block(x, kv_lengths=lengths)  # (B, 1 + Tv + Ta + Tt, d)
-        return self.head(self.ln_final(x[:, 0]))  # (B, C)
+        x = self.ln_final(x)  # (B, 1 + Tv + Ta + Tt, d): per token, so x[:, 0] is the CLS output
+        parts = torch.split(x[:, 1:], [video.shape[1], audio.shape[1], text.shape[1]], dim=1)
+        streams = {
+            m: mean_tokens(part, text_lengths if m == "text" else None)  # (B, d)
+            for m, part in zip(MODALITIES, parts)
+        }
+        return FusionFeatures(x[:, 0], streams)  # fused (B, d)
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        return self.head(self.features(video, audio, text, text_lengths).fused)  # (B, C)
 # ANCHOR_END: EarlyFusion
 
 
@@ -203,7 +250,8 @@ class LateFusion(nn.Module):
     """Three separate encoders; their pooled outputs meet only in the linear head.
 
     Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
-        text_lengths (B,) | None) -> (B, num_classes).
+        text_lengths (B,) | None) -> (B, num_classes); features: streams[m] (B, d),
+        fused (B, 3d) = the three side by side.
     """
 
     def __init__(self, config: VideoFusionConfig) -> None:
@@ -212,7 +260,8 @@ class LateFusion(nn.Module):
         d = config.width
         self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
-        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
+        self.fused_dim = len(MODALITIES) * d
+        self.head = nn.Linear(self.fused_dim, config.num_classes)
 
     def encode(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
@@ -226,11 +275,16 @@ class LateFusion(nn.Module):
                 streams[m] = block(streams[m], kv_lengths=lengths)  # (B, T_m, d)
         return streams
 
+    def features(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> FusionFeatures:
+        streams = self.encode(video, audio, text, text_lengths)  # {m: (B, T_m, d)}
+        return _concat_features(_pool_streams(self.norms, streams, text_lengths))  # fused (B, 3d)
+
     def forward(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
     ) -> Tensor:
-        streams = self.encode(video, audio, text, text_lengths)
-        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
+        return self.head(self.features(video, audio, text, text_lengths).fused)  # (B, C)
 # ANCHOR_END: LateFusion
 
 
@@ -241,7 +295,7 @@ class CrossModalFusion(LateFusion):
     After the three encoders (`LateFusion.encode`), video reads [audio; text],
     audio reads [video; text] and text reads [video; audio], all from the
     encoder outputs (one `CrossAttentionBlock` per modality). Text padding is
-    masked as a key. Pooling and head are late fusion's.
+    masked as a key. Pooling, `features` and head are late fusion's.
 
     Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
         text_lengths (B,) | None) -> (B, num_classes).
@@ -288,7 +342,8 @@ class BottleneckFusion(nn.Module):
         self.bottleneck = nn.Parameter(torch.randn(config.n_bottleneck, d) * 0.02)  # (nb, d)
         self.encoders = nn.ModuleDict({m: _encoder(config) for m in MODALITIES})
         self.norms = nn.ModuleDict({m: nn.LayerNorm(d) for m in MODALITIES})
-        self.head = nn.Linear(len(MODALITIES) * d, config.num_classes)
+        self.fused_dim = len(MODALITIES) * d
+        self.head = nn.Linear(self.fused_dim, config.num_classes)
 
     def encode(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
@@ -311,12 +366,59 @@ class BottleneckFusion(nn.Module):
             z = torch.stack(copies).mean(dim=0)  # (B, nb, d): what every modality reads next layer
         return streams, z
 
+    def features(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> FusionFeatures:
+        streams, _ = self.encode(video, audio, text, text_lengths)  # {m: (B, T_m, d)}
+        return _concat_features(_pool_streams(self.norms, streams, text_lengths))  # fused (B, 3d)
+
     def forward(
         self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
     ) -> Tensor:
-        streams, _ = self.encode(video, audio, text, text_lengths)
-        return self.head(_pool_three(self.norms, streams, text_lengths))  # (B, C)
+        return self.head(self.features(video, audio, text, text_lengths).fused)  # (B, C)
 # ANCHOR_END: BottleneckFusion
+
+
+# ANCHOR: SingleModality
+class SingleModality(nn.Module):
+    """The baseline: one modality's encoder, LayerNorm, mean-pool, linear head.
+
+    Takes the same arguments as the fusion models so the models can be swapped,
+    and reads only the stream named `modality` (the other two are checked for
+    shape like everywhere else, then ignored).
+
+    Shapes: forward(video (B, Tv, d), audio (B, Ta, d), text (B, Tt, d),
+        text_lengths (B,) | None) -> (B, num_classes); features: fused (B, d) =
+        streams[modality] (B, d), and streams has no other key.
+    """
+
+    def __init__(self, config: VideoFusionConfig, modality: str) -> None:
+        super().__init__()
+        if modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {modality!r}")
+        self.config = config
+        self.modality = modality
+        self.encoder = _encoder(config)
+        self.norm = nn.LayerNorm(config.width)
+        self.fused_dim = config.width
+        self.head = nn.Linear(config.width, config.num_classes)
+
+    def features(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> FusionFeatures:
+        check_inputs(video, audio, text, text_lengths, self.config.width)
+        x = {"video": video, "audio": audio, "text": text}[self.modality]  # (B, T_m, d)
+        lengths = text_lengths if self.modality == "text" else None
+        for block in self.encoder:
+            x = block(x, kv_lengths=lengths)  # (B, T_m, d)
+        pooled = mean_tokens(self.norm(x), lengths)  # (B, d)
+        return FusionFeatures(pooled, {self.modality: pooled})
+
+    def forward(
+        self, video: Tensor, audio: Tensor, text: Tensor, text_lengths: Tensor | None = None
+    ) -> Tensor:
+        return self.head(self.features(video, audio, text, text_lengths).fused)  # (B, C)
+# ANCHOR_END: SingleModality
 
 
 STRATEGIES: dict[str, type[nn.Module]] = {
