@@ -22,6 +22,7 @@ TRAINERS = {
     "captioner": "tiny_mm.train_captioner",
     "adapters": "tiny_mm.train_adapters",
     "whisper-digits": "tiny_mm.train_whisper_digits",
+    "video-fusion": "tiny_mm.train_video_fusion",
 }
 
 
