@@ -22,6 +22,8 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
                  against the NumPy reference
     whisper      chapter 9: the log-mel front end, the model and the parameter counts equal
                  openai-whisper's
+    video_fusion chapter 10: the four fusion strategies' parameter formulas, bottleneck fusion and
+                 the objective against the NumPy reference; the textbook's 155M estimate recounted
 
     tinymm tour                 # every stop (about four minutes on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
@@ -34,7 +36,18 @@ import argparse
 import sys
 import time
 
-from tiny_mm.tour import adapters, attention, captioning, clip, contrastive, fusion, perceiver, vit, whisper
+from tiny_mm.tour import (
+    adapters,
+    attention,
+    captioning,
+    clip,
+    contrastive,
+    fusion,
+    perceiver,
+    video_fusion,
+    vit,
+    whisper,
+)
 from tiny_mm.tour.common import Stop, relative_error
 
 __all__ = ["Stop", "STOPS", "relative_error", "main"]
@@ -94,6 +107,12 @@ STOPS: list[Stop] = [
         title="Whisper, checked against openai-whisper",
         chapter="chapters/ch09_whisper/README.md (notebook: chapters/ch09_whisper/notebook.py)",
         run=whisper.run,
+    ),
+    Stop(
+        name="video_fusion",
+        title="Video, audio and caption, fused four ways",
+        chapter="chapters/ch10_video_fusion/README.md (notebook: chapters/ch10_video_fusion/notebook.py)",
+        run=video_fusion.run,
     ),
 ]
 
