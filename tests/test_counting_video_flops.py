@@ -139,3 +139,10 @@ def test_textbook_fusion_estimate():
     # The sub-totals are wrong, but the headline holds: about 155M (154.7M, 0.07% above the text's).
     assert exact > TEXT_TOTAL
     assert round(exact / 1e6) == 155
+
+
+def test_counting_module_serves_the_fusion_formulas():
+    from tiny_mm import counting, counting_video
+
+    for name in counting_video.__all__:
+        assert getattr(counting, name) is getattr(counting_video, name), name

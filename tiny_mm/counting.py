@@ -628,6 +628,9 @@ __all__ += ["clip_params", "clip_vit_params", "clip_resnet_params", "clip_text_p
 # Whisper and GPT-2 (chapter 9) live in tiny_mm/counting_whisper.py, which needs the Whisper
 # model's config (and so torch); they are importable from here too, on first use.
 _WHISPER_NAMES = ("whisper_params", "whisper_memory", "whisper_flops", "gpt2_params", "WHISPER_DIMS", "GPT2_SIZES")
+# The video fusion strategies (chapter 10) live in tiny_mm/counting_video.py, for the same reason.
+_VIDEO_NAMES = ("fusion_params", "block_params", "cross_block_params", "fusion_flops", "block_flops",
+                "cross_block_flops")
 
 
 def __getattr__(name: str):
@@ -635,4 +638,8 @@ def __getattr__(name: str):
         from tiny_mm import counting_whisper
 
         return getattr(counting_whisper, name)
+    if name in _VIDEO_NAMES:
+        from tiny_mm import counting_video
+
+        return getattr(counting_video, name)
     raise AttributeError(f"module 'tiny_mm.counting' has no attribute {name!r}")
