@@ -50,3 +50,16 @@ def test_the_library_never_imports_learner_code(path):
                          ids=lambda p: str(p.relative_to(ROOT)))
 def test_nothing_outside_the_graders_imports_exercises_or_solutions(path):
     assert not imported_top_levels(path) & {"exercises", "solutions"}
+
+
+def test_no_other_installed_distribution_claims_the_kernels_name():
+    # Our Triton kernels live in a top-level package named `kernels`. Hugging Face ships a
+    # distribution of that import name too (transformers >= 5.25 requires it); installed beside
+    # ours, one shadows the other, and transformers fails on import (see pyproject.toml).
+    import importlib.metadata
+
+    owners = set(importlib.metadata.packages_distributions().get("kernels", []))
+    assert owners <= {"tiny-mm"}, (
+        f"the import name 'kernels' is also installed by {sorted(owners - {'tiny-mm'})}; "
+        "keep transformers below 5.25 (pyproject.toml) and `pip uninstall kernels`"
+    )
