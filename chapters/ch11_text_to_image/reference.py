@@ -62,6 +62,18 @@ stays near 0) and cosine (Nichol & Dhariwal 2021, "Improved DDPM"):
 abar(t) = f(t) / f(0), f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2, s = 0.008,
 with b_t = 1 - abar(t + 1) / abar(t) clipped at 0.999.
 
+Part 4, the latent denoiser's pieces (`tiny_mm.latent_diffusion`). The step t enters as
+sinusoids, the transformer's position code with t as the position:
+
+    emb(t) = [cos(t w_0) ... cos(t w_{h-1}), sin(t w_0) ... sin(t w_{h-1})],  w_i = 10000^(-i / h)
+
+and one block of the denoiser reads the latent tokens x (B, N, d) and the
+caption's token vectors c (B, T, e), of which the first `lengths[b]` are words:
+
+    x = x + SelfAttn(LN_1(x))
+    x = x + CrossAttn(LN_2(x), c)      (keys and values from the words only)
+    x = x + MLP(LN_3(x))               (exact GELU)
+
 No torch here on purpose: the reference must not share a line of code with
 what it checks.
 """
@@ -90,6 +102,8 @@ __all__ = [
     "ddim_timesteps",
     "ddim_step",
     "guided_eps",
+    "timestep_embedding",
+    "denoiser_block",
 ]
 
 
@@ -349,3 +363,72 @@ def guided_eps(eps_cond: np.ndarray, eps_uncond: np.ndarray, scale: float) -> np
     """Classifier-free guidance: eps_uncond + scale * (eps_cond - eps_uncond)."""
     return eps_uncond + scale * (eps_cond - eps_uncond)
 # ANCHOR_END: guidance
+
+
+# --------------------------------------------------------------------------- part 4: the denoiser
+
+
+# ANCHOR: denoiser
+def timestep_embedding(t: np.ndarray, dim: int, max_period: float = 10_000.0) -> np.ndarray:
+    """Sinusoids of the steps t (B,) -> (B, dim): cosines of the h = dim / 2 frequencies, then sines."""
+    if dim % 2:
+        raise ValueError(f"dim must be even, got {dim}")
+    half = dim // 2
+    freqs = max_period ** (-np.arange(half) / half)  # (h,)
+    angles = np.asarray(t, dtype=np.float64)[:, None] * freqs[None]  # (B, h)
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1)  # (B, dim)
+
+
+def _layer_norm(x: np.ndarray, gain: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)  # biased, as LayerNorm
+    return (x - mean) / np.sqrt(var + eps) * gain + bias
+
+
+_erf = np.vectorize(math.erf)
+
+
+def _attention(x: np.ndarray, context: np.ndarray, p: dict, prefix: str, heads: int,
+               lengths: np.ndarray | None) -> np.ndarray:
+    """Multi-head attention from x (B, Lq, d) to context (B, Lk, e); key j of row b is read only
+    if j < lengths[b] (None: every key)."""
+    w = {n: np.asarray(p[prefix + n], dtype=np.float64) for n in (
+        "q_proj.weight", "q_proj.bias", "k_proj.weight", "k_proj.bias",
+        "v_proj.weight", "v_proj.bias", "out_proj.weight", "out_proj.bias")}
+    q = x @ w["q_proj.weight"].T + w["q_proj.bias"]  # (B, Lq, d)
+    k = context @ w["k_proj.weight"].T + w["k_proj.bias"]  # (B, Lk, d)
+    v = context @ w["v_proj.weight"].T + w["v_proj.bias"]  # (B, Lk, d)
+    batch, lq, d = q.shape
+    lk, dh = k.shape[1], d // heads
+    allowed = np.ones((batch, 1, lk), dtype=bool) if lengths is None else \
+        (np.arange(lk)[None, :] < np.asarray(lengths)[:, None])[:, None, :]  # (B, 1, Lk)
+    out = np.zeros((batch, lq, d))
+    for h in range(heads):
+        cols = slice(h * dh, (h + 1) * dh)
+        scores = q[:, :, cols] @ k[:, :, cols].transpose(0, 2, 1) / math.sqrt(dh)  # (B, Lq, Lk)
+        scores = np.where(allowed, scores, -np.inf)
+        scores = scores - scores.max(-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(-1, keepdims=True)  # (B, Lq, Lk)
+        out[:, :, cols] = probs @ v[:, :, cols]
+    return out @ w["out_proj.weight"].T + w["out_proj.bias"]  # (B, Lq, d)
+
+
+def denoiser_block(x: np.ndarray, text: np.ndarray, lengths: np.ndarray, params: dict, heads: int) -> np.ndarray:
+    """One block of the latent denoiser: x (B, N, d), text (B, T, e), lengths (B,) -> (B, N, d).
+
+    params: the block's state dict as float64 arrays (ln_1, self_attn, ln_2, cross_attn,
+    ln_3, mlp.c_fc, mlp.c_proj).
+    """
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    text = np.asarray(text, dtype=np.float64)
+    h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
+    x = x + _attention(h, h, p, "self_attn.", heads, None)  # every latent reads every latent
+    h = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
+    x = x + _attention(h, text, p, "cross_attn.", heads, lengths)  # and the caption's words
+    h = _layer_norm(x, p["ln_3.weight"], p["ln_3.bias"])
+    hidden = h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"]  # (B, N, hidden)
+    hidden = 0.5 * hidden * (1.0 + _erf(hidden / math.sqrt(2.0)))  # exact GELU
+    return x + hidden @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
+# ANCHOR_END: denoiser
