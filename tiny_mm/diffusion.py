@@ -7,6 +7,7 @@ predicts the noise lives with the model). Chapter 11 builds it in this order:
       .q_sample             x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: noise an image in one jump
       .training_example     a random step and noise for each image: what a training step needs
       .predict_x0           the same equation solved for x0, given a predicted eps
+      .v_target, .eps_from_v   v-prediction (Salimans & Ho 2022): the target, and the eps it implies
       .posterior_mean_variance   q(x_{t-1} | x_t, x0), the Gaussian a DDPM step samples from
       .ddpm_step            x_t -> x_{t-1} (Ho et al. 2020, every step, stochastic)
       .ddim_step            x_t -> x_s for any s < t (Song et al. 2021; eta = 0: deterministic)
@@ -137,6 +138,20 @@ class NoiseSchedule(nn.Module):
     # ANCHOR_END: q_sample
 
     # ANCHOR: ddpm_step
+    # ANCHOR: v_prediction
+    def v_target(self, x0: Tensor, t: int | Tensor, eps: Tensor) -> Tensor:
+        """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0: the target of a v-predicting denoiser. Shapes as q_sample."""
+        self._same_shape(x0=x0, eps=eps)
+        a = self._at(self.alphas_cumprod, t, x0)
+        return a.sqrt() * eps - (1.0 - a).sqrt() * x0
+
+    def eps_from_v(self, x_t: Tensor, t: int | Tensor, v: Tensor) -> Tensor:
+        """The noise a predicted v implies: sqrt(1 - abar_t) x_t + sqrt(abar_t) v. Shapes as q_sample."""
+        self._same_shape(x_t=x_t, v=v)
+        a = self._at(self.alphas_cumprod, t, x_t)
+        return (1.0 - a).sqrt() * x_t + a.sqrt() * v
+    # ANCHOR_END: v_prediction
+
     def posterior_mean_variance(self, x0: Tensor, x_t: Tensor, t: int | Tensor) -> tuple[Tensor, Tensor]:
         """Mean (B, ...) and variance ((B, 1, ..., 1) or ()) of q(x_{t-1} | x_t, x0); variance 0 at t = 0."""
         self._same_shape(x0=x0, x_t=x_t)

@@ -43,6 +43,11 @@ paper's t + 1). With betas b_t, alpha_t = 1 - b_t, abar_t = alpha_0 ... alpha_t:
 
     forward (q_sample)   x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,   eps ~ N(0, I)
     x0 from eps          x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
+    v-prediction         (Salimans & Ho 2022) v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0; from a
+                         predicted v, eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v and
+                         x0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v. Its squared error weighs
+                         the noisy steps, where only the caption can tell what x0 is, far
+                         more than eps's does (at abar_t -> 0, ||v - v_hat|| = ||x0 - x0_hat||)
     posterior            q(x_{t-1} | x_t, x0) = N(mean, var) with abar_prev = abar_{t-1} (1 at t = 0):
                          mean = sqrt(abar_prev) b_t / (1 - abar_t) * x0
                               + sqrt(alpha_t) (1 - abar_prev) / (1 - abar_t) * x_t
@@ -62,7 +67,7 @@ stays near 0) and cosine (Nichol & Dhariwal 2021, "Improved DDPM"):
 abar(t) = f(t) / f(0), f(t) = cos(((t / T) + s) / (1 + s) * pi / 2)^2, s = 0.008,
 with b_t = 1 - abar(t + 1) / abar(t) clipped at 0.999.
 
-Part 4, the latent denoiser's pieces (`tiny_mm.latent_diffusion`). The step t enters as
+Part 4, the latent denoiser's pieces (`tiny_mm.denoiser`). The step t enters as
 sinusoids, the transformer's position code with t as the position:
 
     emb(t) = [cos(t w_0) ... cos(t w_{h-1}), sin(t w_0) ... sin(t w_{h-1})],  w_i = 10000^(-i / h)
@@ -97,6 +102,8 @@ __all__ = [
     "alphas_cumprod",
     "q_sample",
     "predict_x0",
+    "v_target",
+    "eps_from_v",
     "posterior_mean_variance",
     "ddpm_step",
     "ddim_timesteps",
@@ -291,6 +298,20 @@ def predict_x0(x_t: np.ndarray, t, eps: np.ndarray, abar: np.ndarray) -> np.ndar
     a = _at(abar, t, np.ndim(x_t))
     return (x_t - np.sqrt(1.0 - a) * eps) / np.sqrt(a)
 # ANCHOR_END: q_sample
+
+
+# ANCHOR: v_prediction
+def v_target(x0: np.ndarray, t, eps: np.ndarray, abar: np.ndarray) -> np.ndarray:
+    """v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans & Ho 2022): what a v-predicting model learns."""
+    a = _at(abar, t, np.ndim(x0))
+    return np.sqrt(a) * np.asarray(eps, dtype=np.float64) - np.sqrt(1.0 - a) * np.asarray(x0, dtype=np.float64)
+
+
+def eps_from_v(x_t: np.ndarray, t, v: np.ndarray, abar: np.ndarray) -> np.ndarray:
+    """The noise a predicted v implies: eps = sqrt(1 - abar_t) x_t + sqrt(abar_t) v."""
+    a = _at(abar, t, np.ndim(x_t))
+    return np.sqrt(1.0 - a) * np.asarray(x_t, dtype=np.float64) + np.sqrt(a) * np.asarray(v, dtype=np.float64)
+# ANCHOR_END: v_prediction
 
 
 # ANCHOR: posterior
