@@ -1,4 +1,4 @@
-"""`tiny_mm.latent_diffusion`: the denoiser against chapter 11's NumPy reference, what it reads, guidance's empty prompt."""
+"""`tiny_mm.denoiser`: the denoiser against chapter 11's NumPy reference, what it reads, guidance's empty prompt."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,11 +9,11 @@ import torch.nn.functional as F
 import chapters.ch11_text_to_image.reference as ref
 from tests.numerics import float64_weights, randomize, rel_err
 from tiny_mm.data.words import BOS, EOS, PAD
-from tiny_mm.latent_diffusion import (
+from tiny_mm.denoiser import (
     Caption,
     DenoiserConfig,
-    LatentDenoiser,
-    LatentScaler,
+    TextDenoiser,
+    TokenScaler,
     caption_dropout,
     empty_captions,
     load_denoiser,
@@ -21,18 +21,18 @@ from tiny_mm.latent_diffusion import (
     timestep_embedding,
 )
 
-SMALL = DenoiserConfig(text_vocab=20, text_len=7, latent_dim=5, latent_tokens=9, width=16, layers=2, heads=4,
+SMALL = DenoiserConfig(text_vocab=20, text_len=7, token_dim=5, num_tokens=9, width=16, layers=2, heads=4,
                        text_width=12, text_layers=1)
 
 
-def small_model(rng, dtype=torch.float64) -> LatentDenoiser:
-    model = LatentDenoiser(SMALL).to(dtype)
+def small_model(rng, dtype=torch.float64) -> TextDenoiser:
+    model = TextDenoiser(SMALL).to(dtype)
     randomize(model, rng, 0.3)  # every weight random: the zero-initialised output layer too
     return model.eval()
 
 
 def random_inputs(rng, batch: int, config: DenoiserConfig = SMALL, dtype=torch.float64):
-    z = torch.as_tensor(rng.standard_normal((batch, config.latent_tokens, config.latent_dim)), dtype=dtype)
+    z = torch.as_tensor(rng.standard_normal((batch, config.num_tokens, config.token_dim)), dtype=dtype)
     t = torch.as_tensor(rng.integers(0, 1000, batch))
     lengths = torch.as_tensor(rng.integers(2, config.text_len + 1, batch))
     ids = torch.as_tensor(rng.integers(4, config.text_vocab, (batch, config.text_len)))
@@ -56,7 +56,7 @@ def test_timestep_embedding_matches_reference(rng):
 def test_block_matches_numpy_reference(rng):
     model = small_model(rng)
     block = model.blocks[0]
-    x = torch.as_tensor(rng.standard_normal((3, SMALL.latent_tokens, SMALL.width)))
+    x = torch.as_tensor(rng.standard_normal((3, SMALL.num_tokens, SMALL.width)))
     text = torch.as_tensor(rng.standard_normal((3, SMALL.text_len, SMALL.text_width)))
     lengths = torch.tensor([2, SMALL.text_len, 4])
     with torch.no_grad():
@@ -89,7 +89,7 @@ def test_whole_denoiser_matches_reference_composition(rng):
 
 def test_float32_matches_float64(rng):
     model64 = small_model(rng)
-    model32 = LatentDenoiser(SMALL)
+    model32 = TextDenoiser(SMALL)
     model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
     z, t, caption = random_inputs(rng, 3)
     with torch.no_grad():
@@ -142,7 +142,7 @@ def test_none_is_the_empty_prompt(rng):
 def test_a_fresh_denoiser_predicts_zero_noise(rng):
     # The output layer starts at zero (the first sampling steps then change nothing wildly).
     z, t, caption = random_inputs(rng, 2, dtype=torch.float32)
-    assert torch.equal(LatentDenoiser(SMALL)(z, t, caption), torch.zeros_like(z))
+    assert torch.equal(TextDenoiser(SMALL)(z, t, caption), torch.zeros_like(z))
 
 
 def test_caption_dropout(rng):
@@ -163,7 +163,7 @@ def test_caption_dropout(rng):
 
 def test_latent_scaler(rng):
     latents = torch.as_tensor(rng.standard_normal((50, 9, 5)) * rng.uniform(0.1, 3, 5) + rng.uniform(-2, 2, 5))
-    scaler = LatentScaler(5).double().fit(latents)
+    scaler = TokenScaler(5).double().fit(latents)
     flat = latents.numpy().reshape(-1, 5)
     assert rel_err(scaler.mean, flat.mean(0)) < 1e-12
     assert rel_err(scaler.std, flat.std(0, ddof=1)) < 1e-12
@@ -176,7 +176,7 @@ def test_latent_scaler(rng):
 
 def test_a_few_steps_learn_to_denoise_a_tiny_batch(rng, one_thread):
     torch.manual_seed(int(rng.integers(2**31)))
-    model = LatentDenoiser(SMALL)
+    model = TextDenoiser(SMALL)
     z, t, caption = random_inputs(rng, 8, dtype=torch.float32)
     noise = torch.randn_like(z)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -200,7 +200,7 @@ def test_save_and_load_round_trip(rng, tmp_path):
         assert torch.equal(again(z, t, caption), model(z, t, caption))
     assert torch.equal(again.scaler.std, model.scaler.std)
     torch.save({"weights": {}}, tmp_path / "other.pt")
-    with pytest.raises(ValueError, match="not a LatentDenoiser checkpoint"):
+    with pytest.raises(ValueError, match="not a TextDenoiser checkpoint"):
         load_denoiser(tmp_path / "other.pt")
 
 
@@ -228,3 +228,49 @@ def test_refuses_bad_input(rng):
 def test_config_refuses_bad_sizes(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DenoiserConfig(**kwargs)
+
+
+def test_v_and_eps_prediction_give_sample_the_noise(rng):
+    from tiny_mm.diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule(1000, "cosine")
+    z, t, caption = random_inputs(rng, 3)  # t in [0, 1000)
+    x0 = torch.as_tensor(rng.standard_normal(z.shape))
+    v_model = small_model(rng)
+    assert v_model.config.prediction == "v"  # the chapter's choice is the default
+    with torch.no_grad():
+        out = v_model(z, t, caption)
+        a = schedule.alphas_cumprod[t].view(-1, 1, 1)
+        assert rel_err(v_model.eps(schedule)(z, t, caption), (1 - a).sqrt() * z + a.sqrt() * out) < 1e-12
+    assert rel_err(v_model.target(schedule, x0, t, z), a.sqrt() * z - (1 - a).sqrt() * x0) < 1e-12
+    eps_model = TextDenoiser(DenoiserConfig(**{**SMALL.__dict__, "prediction": "eps"}))
+    assert eps_model.eps(schedule) is eps_model
+    assert torch.equal(eps_model.target(schedule, x0, t, z), z)
+    with pytest.raises(ValueError, match="prediction"):
+        DenoiserConfig(prediction="x0")
+
+
+def test_patchify_cuts_row_major_4x4_patches(rng):
+    from tiny_mm.denoiser import patchify, unpatchify
+
+    images = torch.as_tensor(rng.uniform(0, 1, (2, 3, 12, 12)))
+    tokens = patchify(images, 4)
+    assert tokens.shape == (2, 9, 48)
+    for row in range(3):
+        for col in range(3):  # token row * 3 + col is the patch at (row, col), channel-first
+            patch = images[:, :, 4 * row : 4 * row + 4, 4 * col : 4 * col + 4].reshape(2, 48)
+            assert torch.equal(tokens[:, 3 * row + col], patch)
+    assert torch.equal(unpatchify(tokens, 4), images)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        patchify(images[:, :, :10, :10], 4)
+    with pytest.raises(ValueError, match="square N"):
+        unpatchify(tokens[:, :8], 4)
+
+
+def test_token_scaler_set_maps_pixels_to_plus_minus_one():
+    scaler = TokenScaler(48).set(0.5, 0.5)
+    pixels = torch.tensor([0.0, 0.25, 1.0]).view(1, 3, 1).expand(1, 3, 48)
+    assert torch.equal(scaler.scale(pixels)[0, :, 0], torch.tensor([-1.0, -0.5, 1.0]))
+    assert torch.equal(scaler.unscale(scaler.scale(pixels)), pixels)
+    with pytest.raises(ValueError, match="std must be positive"):
+        scaler.set(0.0, 0.0)

@@ -1,24 +1,24 @@
-"""Latent diffusion in miniature: a denoiser that reads the caption through cross-attention.
+"""A text-conditioned diffusion denoiser: a transformer over image tokens that reads the caption.
 
-Stable Diffusion (Rombach et al. 2022) does not denoise pixels. An autoencoder
-squeezes each image into a small grid of latent vectors, the diffusion model
-learns to denoise *those*, and the decoder turns the final latents back into
-pixels. Here the autoencoder is the VQ-VAE of the DALL·E-style generator
-(`tiny_mm.vqvae`): its encoder writes a 32 x 32 image as 8 x 8 = 64 vectors of
-32 numbers, its decoder reads them back. The diffusion runs on the encoder's
-vectors *before* quantisation, and a sample is snapped to the nearest codebook
-entries before decoding: the paper's "VQ-regularised" variant, in which the
-quantiser is part of the decoder.
+The network of chapter 11's diffusion generator. It denoises a grid of N image
+tokens of C numbers each, and two kinds of token feed it:
 
-    LatentScaler      per-channel mean and std of the training latents: the
-                      diffusion sees latents of unit variance (SD's 0.18215 is one
-                      such scale, for all channels at once)
+    pixel patches   a 32 x 32 image cut into 8 x 8 patches of 4 x 4 pixels: 64 tokens
+                    of 48 numbers (`patchify`), in [-1, 1]; DiT (Peebles & Xie 2023)
+                    denoises patches the same way. The chapter's run.
+    latents         an autoencoder's vectors, as Stable Diffusion (Rombach et al. 2022)
+                    does: here the VQ-VAE of the DALL·E-style generator, 64 vectors of 32
+                    numbers before quantisation, standardised per channel; a sample is
+                    snapped to the nearest codes and decoded. The chapter measures both.
+
+    TokenScaler       tokens -> the diffusion's scale and back: (x - mean) / std, per channel
+                      (pixels: mean 0.5 and std 0.5 map [0, 1] to [-1, 1])
     TextEncoder       caption ids (B, T) -> token vectors (B, T, e): word and position
                       embeddings and a few non-causal transformer blocks (SD uses
                       CLIP's text tower, 77 x 768; see the chapter)
-    DenoiserBlock     self-attention over the latents, cross-attention to the caption,
+    DenoiserBlock     self-attention over the image tokens, cross-attention to the caption,
                       an MLP (SD's "BasicTransformerBlock", each pre-LayerNorm, residual)
-    LatentDenoiser    (z_t (B, N, C), t (B,), caption) -> predicted noise eps (B, N, C);
+    TextDenoiser      (x_t (B, N, C), t (B,), caption) -> the prediction (B, N, C), v or eps;
                       the step t enters as a sinusoidal embedding added to every token
 
 Classifier-free guidance needs the same network to work without a caption.
@@ -41,14 +41,16 @@ from tiny_mm.layers import MLP, TransformerBlock, mlp_hidden
 
 __all__ = [
     "DenoiserConfig",
+    "patchify",
+    "unpatchify",
     "Caption",
     "empty_captions",
     "caption_dropout",
     "timestep_embedding",
-    "LatentScaler",
+    "TokenScaler",
     "TextEncoder",
     "DenoiserBlock",
-    "LatentDenoiser",
+    "TextDenoiser",
     "save_denoiser",
     "load_denoiser",
 ]
@@ -57,28 +59,34 @@ __all__ = [
 # ANCHOR: DenoiserConfig
 @dataclass(frozen=True)
 class DenoiserConfig:
-    """Sizes of the text-conditioned latent denoiser.
+    """Sizes of the text-conditioned denoiser.
 
     text_vocab, text_len: V word ids and T caption positions (as `DalleConfig`).
-    latent_dim, latent_tokens: C numbers per latent vector, N vectors (the VQ-VAE's
-        code_dim and num_tokens: 32 and 64).
+    token_dim, num_tokens: C numbers per image token, N tokens (pixel patches: 48 and 64;
+        the VQ-VAE's latents: its code_dim and num_tokens, 32 and 64).
     width, layers, heads, mlp_ratio: the denoiser's d, depth, heads, MLP ratio.
     text_width, text_layers: the caption encoder's width e and depth.
+    prediction: what the network's output means, "v" (v = sqrt(abar_t) eps - sqrt(1 - abar_t)
+        x0, Salimans & Ho 2022) or "eps" (the noise, Ho et al. 2020). The chapter's model
+        predicts v: trained on eps, it learned to ignore the caption (its error with and
+        without it was the same to four digits), because eps is easy to guess at the noisy
+        steps, which are the steps where only the caption can say what the image will be.
     """
 
     text_vocab: int = 45
     text_len: int = 16
-    latent_dim: int = 32
-    latent_tokens: int = 64
+    token_dim: int = 48
+    num_tokens: int = 64
     width: int = 96
     layers: int = 3
     heads: int = 4
     mlp_ratio: float = 4.0
     text_width: int = 64
     text_layers: int = 1
+    prediction: str = "v"
 
     def __post_init__(self) -> None:
-        for name in ("text_vocab", "text_len", "latent_dim", "latent_tokens", "width", "layers", "heads",
+        for name in ("text_vocab", "text_len", "token_dim", "num_tokens", "width", "layers", "heads",
                      "text_width", "text_layers"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -90,7 +98,33 @@ class DenoiserConfig:
             raise ValueError(f"text_len must hold <bos> and <eos>, got {self.text_len}")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
             raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        if self.prediction not in ("v", "eps"):
+            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
 # ANCHOR_END: DenoiserConfig
+
+
+# ANCHOR: patchify
+def patchify(images: Tensor, patch: int = 4) -> Tensor:
+    """Images (B, 3, S, S) -> tokens (B, (S / p)^2, 3 p^2): row-major patches, each flattened channel-first."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] \
+            or images.shape[2] % patch:
+        raise ValueError(f"images must have shape (B, 3, S, S) with S a multiple of {patch}, "
+                         f"got {getattr(images, 'shape', type(images))}")
+    B, _, S, _ = images.shape
+    g = S // patch
+    x = images.reshape(B, 3, g, patch, g, patch)  # (B, 3, row, i, col, j)
+    return x.permute(0, 2, 4, 1, 3, 5).reshape(B, g * g, 3 * patch * patch)  # (B, N, 3 p^2)
+
+
+def unpatchify(tokens: Tensor, patch: int = 4) -> Tensor:
+    """The inverse of `patchify`: tokens (B, N, 3 p^2) -> images (B, 3, S, S), S = p sqrt(N)."""
+    B, N, C = tokens.shape
+    g = math.isqrt(N)
+    if g * g != N or C != 3 * patch * patch:
+        raise ValueError(f"tokens must have shape (B, square N, {3 * patch * patch}), got {tuple(tokens.shape)}")
+    x = tokens.reshape(B, g, g, 3, patch, patch)  # (B, row, col, 3, i, j)
+    return x.permute(0, 3, 1, 4, 2, 5).reshape(B, 3, g * patch, g * patch)
+# ANCHOR_END: patchify
 
 
 class Caption(NamedTuple):
@@ -139,12 +173,13 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10_000.0, dtype:
 # ANCHOR_END: timestep_embedding
 
 
-# ANCHOR: LatentScaler
-class LatentScaler(nn.Module):
-    """Standardise latents per channel: (z - mean) / std, and back.
+# ANCHOR: TokenScaler
+class TokenScaler(nn.Module):
+    """Standardise image tokens per channel: (z - mean) / std, and back.
 
-    fit(latents (M, N, C)) sets mean and std (C,) from the training latents;
-    the two are buffers, saved with the denoiser.
+    fit(tokens (M, N, C)) sets mean and std (C,) from the training tokens (latents);
+    set(mean, std) fixes them (pixels in [0, 1]: 0.5 and 0.5, to [-1, 1]). The two
+    are buffers, saved with the denoiser.
     """
 
     def __init__(self, channels: int) -> None:
@@ -153,7 +188,7 @@ class LatentScaler(nn.Module):
         self.register_buffer("std", torch.ones(channels))
 
     @torch.no_grad()
-    def fit(self, latents: Tensor) -> LatentScaler:
+    def fit(self, latents: Tensor) -> TokenScaler:
         if not isinstance(latents, Tensor) or latents.dim() != 3 or latents.shape[-1] != self.mean.numel():
             raise ValueError(f"latents must have shape (M, N, {self.mean.numel()}), "
                              f"got {getattr(latents, 'shape', type(latents))}")
@@ -162,12 +197,20 @@ class LatentScaler(nn.Module):
         self.std.copy_(flat.std(0).clamp_min(1e-6))
         return self
 
+    @torch.no_grad()
+    def set(self, mean: float, std: float) -> TokenScaler:
+        if not std > 0:
+            raise ValueError(f"std must be positive, got {std!r}")
+        self.mean.fill_(mean)
+        self.std.fill_(std)
+        return self
+
     def scale(self, z: Tensor) -> Tensor:
         return (z - self.mean) / self.std  # (B, N, C)
 
     def unscale(self, z: Tensor) -> Tensor:
         return z * self.std + self.mean  # (B, N, C)
-# ANCHOR_END: LatentScaler
+# ANCHOR_END: TokenScaler
 
 
 # ANCHOR: TextEncoder
@@ -196,7 +239,7 @@ class DenoiserBlock(nn.Module):
     """x = x + self_attn(ln_1 x); x = x + cross_attn(ln_2 x, caption); x = x + mlp(ln_3 x).
 
     Shapes: forward(x (B, N, d), text (B, T, e), text_lengths (B,)) -> (B, N, d).
-    Every latent token reads every other one, then the caption's real words.
+    Every image token reads every other one, then the caption's real words.
     """
 
     def __init__(self, width: int, heads: int, text_width: int, mlp_ratio: float = 4.0) -> None:
@@ -215,13 +258,14 @@ class DenoiserBlock(nn.Module):
 # ANCHOR_END: DenoiserBlock
 
 
-# ANCHOR: LatentDenoiser
-class LatentDenoiser(nn.Module):
-    """Predicts the noise in a noised latent image, given the step and the caption.
+# ANCHOR: TextDenoiser
+class TextDenoiser(nn.Module):
+    """Predicts the noise (or v) of noised image tokens, given the step and the caption.
 
-    Shapes: forward(z_t (B, N, C), t (B,) long, caption Caption(ids (B, T), lengths (B,)))
-        -> eps (B, N, C). `denoiser(z_t, t, caption)` is the signature
-        `tiny_mm.diffusion.sample` calls; None as the caption means the empty one.
+    Shapes: forward(x_t (B, N, C), t (B,) long, caption Caption(ids (B, T), lengths (B,)))
+        -> prediction (B, N, C): v or eps, as config.prediction says. None as the caption
+        means the empty one. `eps(schedule)` gives the function of (z_t, t, caption) -> eps
+        that `tiny_mm.diffusion.sample` calls.
     """
 
     def __init__(self, config: DenoiserConfig = DenoiserConfig()) -> None:
@@ -230,23 +274,23 @@ class LatentDenoiser(nn.Module):
             raise ValueError(f"config must be a DenoiserConfig, got {type(config).__name__}")
         self.config = config
         d = config.width
-        self.scaler = LatentScaler(config.latent_dim)  # carried with the weights, used by the pipeline
+        self.scaler = TokenScaler(config.token_dim)  # carried with the weights, used by the pipeline
         self.text_encoder = TextEncoder(config)
-        self.input_proj = nn.Linear(config.latent_dim, d)
-        self.positional_embedding = nn.Parameter(0.02 * torch.randn(config.latent_tokens, d))  # (N, d)
+        self.input_proj = nn.Linear(config.token_dim, d)
+        self.positional_embedding = nn.Parameter(0.02 * torch.randn(config.num_tokens, d))  # (N, d)
         self.time_mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.SiLU(), nn.Linear(4 * d, d))
         self.blocks = nn.ModuleList(
             DenoiserBlock(d, config.heads, config.text_width, config.mlp_ratio) for _ in range(config.layers)
         )
         self.ln_final = nn.LayerNorm(d)
-        self.output_proj = nn.Linear(d, config.latent_dim)
+        self.output_proj = nn.Linear(d, config.token_dim)
         nn.init.zeros_(self.output_proj.weight)  # starts by predicting eps = 0: a calm first step
         nn.init.zeros_(self.output_proj.bias)
 
     def forward(self, z_t: Tensor, t: Tensor, caption: Caption | None) -> Tensor:
         c = self.config
-        if not isinstance(z_t, Tensor) or z_t.dim() != 3 or tuple(z_t.shape[1:]) != (c.latent_tokens, c.latent_dim):
-            raise ValueError(f"z_t must have shape (B, {c.latent_tokens}, {c.latent_dim}), "
+        if not isinstance(z_t, Tensor) or z_t.dim() != 3 or tuple(z_t.shape[1:]) != (c.num_tokens, c.token_dim):
+            raise ValueError(f"z_t must have shape (B, {c.num_tokens}, {c.token_dim}), "
                              f"got {getattr(z_t, 'shape', type(z_t))}")
         batch = z_t.shape[0]
         if not isinstance(t, Tensor) or tuple(t.shape) != (batch,):
@@ -261,6 +305,16 @@ class LatentDenoiser(nn.Module):
             x = block(x, text, caption.lengths)  # (B, N, d)
         return self.output_proj(self.ln_final(x))  # (B, N, C)
 
+    def eps(self, schedule):
+        """The denoiser as `tiny_mm.diffusion.sample` wants it: (z_t, t, caption) -> the noise eps."""
+        if self.config.prediction == "eps":
+            return self
+        return lambda z_t, t, caption: schedule.eps_from_v(z_t, t, self(z_t, t, caption))
+
+    def target(self, schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        """What this denoiser learns to output for x_t = q_sample(x0, t, eps): v or eps."""
+        return eps if self.config.prediction == "eps" else schedule.v_target(x0, t, eps)
+
     def _check_caption(self, caption: Caption, batch: int) -> None:
         c = self.config
         ids, lengths = caption
@@ -272,21 +326,21 @@ class LatentDenoiser(nn.Module):
         if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (batch,) or int(lengths.min()) < 1 \
                 or int(lengths.max()) > c.text_len:
             raise ValueError(f"caption lengths must be ({batch},) in [1, {c.text_len}]")
-# ANCHOR_END: LatentDenoiser
+# ANCHOR_END: TextDenoiser
 
 
-def save_denoiser(model: LatentDenoiser, path: str | Path) -> None:
-    """Write {"config": sizes, "state_dict": weights (the latent scaler's included)}."""
+def save_denoiser(model: TextDenoiser, path: str | Path) -> None:
+    """Write {"config": sizes, "state_dict": weights (the token scaler's included)}."""
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     torch.save({"config": asdict(model.config), "state_dict": state}, str(path))
 
 
-def load_denoiser(path: str | Path) -> LatentDenoiser:
-    """Rebuild a `LatentDenoiser` saved by `save_denoiser` (weights_only: the file cannot run code)."""
+def load_denoiser(path: str | Path) -> TextDenoiser:
+    """Rebuild a `TextDenoiser` saved by `save_denoiser` (weights_only: the file cannot run code)."""
     saved = torch.load(str(path), map_location="cpu", weights_only=True)
     if not isinstance(saved, dict) or set(saved) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a LatentDenoiser checkpoint (expected keys 'config' and 'state_dict')")
-    model = LatentDenoiser(DenoiserConfig(**saved["config"]))
+        raise ValueError(f"{path} is not a TextDenoiser checkpoint (expected keys 'config' and 'state_dict')")
+    model = TextDenoiser(DenoiserConfig(**saved["config"]))
     missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
     if missing or unexpected:
         raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
