@@ -23,6 +23,7 @@ TRAINERS = {
     "adapters": "tiny_mm.train_adapters",
     "whisper-digits": "tiny_mm.train_whisper_digits",
     "video-fusion": "tiny_mm.train_video_fusion",
+    "text-to-image": "tiny_mm.train_text_to_image",
 }
 
 
