@@ -106,8 +106,9 @@ class DenoiserConfig:
 # ANCHOR: patchify
 def patchify(images: Tensor, patch: int = 4) -> Tensor:
     """Images (B, 3, S, S) -> tokens (B, (S / p)^2, 3 p^2): row-major patches, each flattened channel-first."""
-    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3 or images.shape[2] != images.shape[3] \
-            or images.shape[2] % patch:
+    square = isinstance(images, Tensor) and images.dim() == 4 and images.shape[1] == 3 \
+        and images.shape[2] == images.shape[3]
+    if not square or images.shape[2] % patch:
         raise ValueError(f"images must have shape (B, 3, S, S) with S a multiple of {patch}, "
                          f"got {getattr(images, 'shape', type(images))}")
     B, _, S, _ = images.shape
@@ -223,7 +224,9 @@ class TextEncoder(nn.Module):
         self.embedding = nn.Embedding(config.text_vocab, e)
         self.positional_embedding = nn.Parameter(0.02 * torch.randn(config.text_len, e))  # (T, e)
         nn.init.normal_(self.embedding.weight, std=0.02)
-        self.blocks = nn.ModuleList(TransformerBlock(e, config.heads, config.mlp_ratio) for _ in range(config.text_layers))
+        self.blocks = nn.ModuleList(
+            TransformerBlock(e, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
+        )
         self.ln_final = nn.LayerNorm(e)
 
     def forward(self, caption: Caption) -> Tensor:

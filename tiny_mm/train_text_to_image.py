@@ -121,17 +121,17 @@ class TextToImageSettings:
     warmup: int = 50
     vqvae_steps: int = 1200
     dalle_steps: int = 1500
-    diffusion_steps: int = 1500
+    diffusion_steps: int = 2000
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     dalle: DalleConfig = field(default_factory=lambda: DalleConfig(width=96, layers=3))
-    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(width=96, layers=4))
     space: str = "pixels"
     schedule: str = "cosine"
     schedule_steps: int = 1000
     caption_dropout: float = 0.1
     sample_steps: int = 25
-    guidance: tuple[float, ...] = (0.0, 1.0, 3.0)
-    temperature: tuple[float, ...] = (1.0, 0.5)
+    guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
+    temperature: tuple[float, ...] = (1.0, 0.7, 0.3)
     top_k: int | None = None
     prompts: int = 100
     clip_steps: int = 600
@@ -623,7 +623,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--generators", default=",".join(d.generators), help=f"from {','.join(GENERATORS)} (default: both)")
     p.add_argument("--space", choices=("pixels", "latents"), default=d.space,
-                   help="what the diffusion denoises: 4 x 4 pixel patches, or the VQ-VAE's latents (default %(default)s)")
+                   help="what the diffusion denoises: 4 x 4 pixel patches, or the VQ-VAE's latents "
+                   "(default %(default)s)")
     p.add_argument("--guidance", default=",".join(f"{w:g}" for w in d.guidance),
                    help="classifier-free guidance scales to judge (default %(default)s)")
     p.add_argument("--temperature", default=",".join(f"{t:g}" for t in d.temperature),
@@ -631,7 +632,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sizes", default=",".join(d.sizes),
                    help="shape sizes of the images, from small,large (default %(default)s)")
     p.add_argument("--top-k", type=int, default=None, help="DALL·E sampling: keep the k likeliest codes")
-    p.add_argument("--steps", type=int, help=f"steps of both generators (default {d.dalle_steps}; quick {q.dalle_steps})")
+    p.add_argument("--steps", type=int, help=f"steps of both generators (default {d.dalle_steps} and "
+                   f"{d.diffusion_steps}; quick {q.dalle_steps})")
     p.add_argument("--vqvae-steps", type=int, help=f"(default {d.vqvae_steps})")
     p.add_argument("--sample-steps", type=int, help=f"DDIM steps (default {d.sample_steps})")
     p.add_argument("--prompts", type=int, help=f"prompts per split (default {d.prompts}; quick {q.prompts})")

@@ -24,6 +24,8 @@ entry in `STOPS`, in book order, and nothing else changes. The stops so far:
                  openai-whisper's
     video_fusion chapter 10: the four fusion strategies' parameter formulas, bottleneck fusion and
                  the objective against the NumPy reference; the textbook's 155M estimate recounted
+    text_to_image chapter 11: vector quantisation, the token sampler, DDIM and the denoiser against
+                 the NumPy reference; the chapter's generation run, judged by a CLIP
 
     tinymm tour                 # every stop (about four minutes on a 2-core CPU)
     tinymm tour --quick         # the same checks at toy sizes (seconds)
@@ -44,6 +46,7 @@ from tiny_mm.tour import (
     contrastive,
     fusion,
     perceiver,
+    text_to_image,
     video_fusion,
     vit,
     whisper,
@@ -113,6 +116,12 @@ STOPS: list[Stop] = [
         title="Video, audio and caption, fused four ways",
         chapter="chapters/ch10_video_fusion/README.md (notebook: chapters/ch10_video_fusion/notebook.py)",
         run=video_fusion.run,
+    ),
+    Stop(
+        name="text_to_image",
+        title="From a caption to an image: tokens and diffusion",
+        chapter="chapters/ch11_text_to_image/README.md (notebook: chapters/ch11_text_to_image/notebook.py)",
+        run=text_to_image.run,
     ),
 ]
 
