@@ -27,7 +27,7 @@ BOS = 1, EOS = 2.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from tiny_mm.attention import MultiHeadAttention, merge_heads, scaled_dot_product_attention, split_heads
 from tiny_mm.data.words import BOS, EOS, PAD
 from tiny_mm.layers import MLP, TransformerBlock, mlp_hidden
+from tiny_mm.training import load_sized_model, save_sized_model
 
 __all__ = [
     "CaptionerConfig",
@@ -463,21 +464,9 @@ def generate(
 
 def save_captioner(model: Captioner, path: str | Path) -> None:
     """Write {"config": sizes, "state_dict": weights}; `load_captioner` reads it back."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": asdict(model.config), "state_dict": state}, str(path))
+    save_sized_model(model, path)
 
 
 def load_captioner(path: str | Path) -> Captioner:
-    """Rebuild a `Captioner` saved by `save_captioner`, without running code from the file.
-
-    weights_only=True: the file may hold tensors and plain containers, nothing
-    a pickle could execute. Missing or unexpected weights are named.
-    """
-    saved = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or set(saved) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a captioner checkpoint (expected keys 'config' and 'state_dict')")
-    model = Captioner(CaptionerConfig(**saved["config"]))
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    """Rebuild a `Captioner` saved by `save_captioner` (weights_only: the file cannot run code)."""
+    return load_sized_model(path, Captioner, CaptionerConfig, "a captioner")

@@ -27,7 +27,7 @@ model learns what they mean: nothing); they are only left out of the text loss.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tiny_mm.attention import merge_heads, scaled_dot_product_attention, split_heads
 from tiny_mm.data.words import PAD
 from tiny_mm.layers import TransformerBlock
+from tiny_mm.training import load_sized_model, save_sized_model
 
 __all__ = [
     "DalleConfig",
@@ -337,17 +338,9 @@ def generate(
 
 def save_dalle(model: TinyDalle, path: str | Path) -> None:
     """Write {"config": sizes, "state_dict": weights}; `load_dalle` reads it back."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": asdict(model.config), "state_dict": state}, str(path))
+    save_sized_model(model, path)
 
 
 def load_dalle(path: str | Path) -> TinyDalle:
     """Rebuild a `TinyDalle` saved by `save_dalle` (weights_only: the file cannot run code)."""
-    saved = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or set(saved) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a TinyDalle checkpoint (expected keys 'config' and 'state_dict')")
-    model = TinyDalle(DalleConfig(**saved["config"]))
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_sized_model(path, TinyDalle, DalleConfig, "a TinyDalle")

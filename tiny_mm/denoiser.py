@@ -28,7 +28,7 @@ to which `caption_dropout` swaps each training caption with probability p.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from tiny_mm.attention import MultiHeadAttention
 from tiny_mm.data.words import BOS, EOS, PAD
 from tiny_mm.layers import MLP, TransformerBlock, mlp_hidden
+from tiny_mm.training import load_sized_model, save_sized_model
 
 __all__ = [
     "DenoiserConfig",
@@ -333,18 +334,10 @@ class TextDenoiser(nn.Module):
 
 
 def save_denoiser(model: TextDenoiser, path: str | Path) -> None:
-    """Write {"config": sizes, "state_dict": weights (the token scaler's included)}."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": asdict(model.config), "state_dict": state}, str(path))
+    """Write {"config": sizes, "state_dict": weights}; `load_denoiser` reads it back."""
+    save_sized_model(model, path)
 
 
 def load_denoiser(path: str | Path) -> TextDenoiser:
     """Rebuild a `TextDenoiser` saved by `save_denoiser` (weights_only: the file cannot run code)."""
-    saved = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or set(saved) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a TextDenoiser checkpoint (expected keys 'config' and 'state_dict')")
-    model = TextDenoiser(DenoiserConfig(**saved["config"]))
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_sized_model(path, TextDenoiser, DenoiserConfig, "a TextDenoiser")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ from tiny_mm.captioning import (
 )
 from tiny_mm.data.shapes import SIZE_WORDS, WHERE_WORDS, ShapesConfig, ShapesDataset, normalize
 from tiny_mm.data.words import WordVocab, shapes_vocab
+from tiny_mm.training import warmup_cosine
 
 __all__ = [
     "TrainConfig",
@@ -214,10 +214,7 @@ def evaluate(
 
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to config.lr, then cosine to 0."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(config.steps - config.warmup, 1)
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, config.steps, config.lr, config.warmup)
 
 
 def _param_groups(model: Captioner, weight_decay: float) -> list[dict]:

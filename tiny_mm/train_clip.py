@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import sys
@@ -62,6 +61,7 @@ from tiny_mm.data.shapes import (
 from tiny_mm.tokenizer import tokenize
 from tiny_mm.vit import VisionConfig
 from tiny_mm.zeroshot import accuracy, build_classifier, predict
+from tiny_mm.training import warmup_cosine
 
 __all__ = [
     "tiny_clip_config",
@@ -179,10 +179,7 @@ class TrainResult:
 # ANCHOR: lr_at
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to config.lr, then cosine to 0."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(config.steps - config.warmup, 1)  # 0 -> 1
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, config.steps, config.lr, config.warmup)
 # ANCHOR_END: lr_at
 
 

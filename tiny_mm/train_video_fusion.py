@@ -55,6 +55,7 @@ from tiny_mm.video_objectives import (
     temporal_order_loss,
     total_objective,
 )
+from tiny_mm.training import comma_names, import_kernels_first, out_folder_problem, warmup_cosine
 
 __all__ = [
     "OBJECTIVES",
@@ -199,17 +200,6 @@ def ceiling(modalities: Sequence[str]) -> float:
 # --------------------------------------------------------------------------- cost
 
 
-def _kernels_first() -> None:
-    """Import `kernels` before torch imports Triton (building an AdamW and FlopCounterMode both
-    make it): on a CPU the book's kernels need Triton in interpreter mode, which `kernels`
-    arranges only if it comes first. If Triton came earlier, `kernels` refuses to load; this
-    trainer runs no kernel, so that is left for whoever does."""
-    try:
-        import kernels  # noqa: F401
-    except ImportError:
-        pass
-
-
 def count_params(model: nn.Module) -> int:
     """Every parameter of the model: embedders, fusion, head and the objectives' extra heads."""
     return sum(p.numel() for p in model.parameters())
@@ -223,7 +213,7 @@ def count_flops(model: VideoFusionModel, data: ClipData) -> int:
     token lookup count nothing), nothing missing, the extra heads of the
     auxiliary objectives not run (forward does not run them).
     """
-    _kernels_first()
+    import_kernels_first()
     from torch.utils.flop_counter import FlopCounterMode
 
     clip = data.take(torch.arange(1))
@@ -329,10 +319,7 @@ def training_loss(
 
 def lr_at(step: int, settings: FusionSettings) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to settings.lr, then cosine to 0."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(settings.steps - settings.warmup, 1)  # 0 -> 1
-    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, settings.steps, settings.lr, settings.warmup)
 
 
 def new_model(name: str, settings: FusionSettings) -> VideoFusionModel:
@@ -351,7 +338,7 @@ def train_model(
     with settings.seed), so two runs differ only in what is being compared.
     """
     start = time.perf_counter()
-    _kernels_first()
+    import_kernels_first()
     model = new_model(name, settings)
     single = name in MODALITIES
     objectives = ("action",) if single else settings.objectives
@@ -539,11 +526,6 @@ def format_missing_table(result: ExperimentResult) -> str:
     return "\n".join(lines)
 
 
-def _names(text: str) -> tuple[str, ...]:
-    """"late, cross" -> ("late", "cross")."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def _parser() -> argparse.ArgumentParser:
     d, q = FusionSettings(), FusionSettings.quick()
     p = argparse.ArgumentParser(
@@ -581,14 +563,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = {k: getattr(args, k) for k in ("steps", "batch_size", "lr", "train_clips", "test_clips")}
     try:
         base = FusionSettings.quick() if args.quick else FusionSettings()
-        settings = replace(base, models=_names(args.models), dropout=args.dropout,
-                           objectives=_names(args.objectives), seed=args.seed, threads=args.threads,
+        settings = replace(base, models=comma_names(args.models), dropout=args.dropout,
+                           objectives=comma_names(args.objectives), seed=args.seed, threads=args.threads,
                            **{k: v for k, v in sizes.items() if v is not None})
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        print(f"error: --out must be a folder, and {args.out} is a file", file=sys.stderr)
+    if problem := out_folder_problem(args.out):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     result = run_experiment(settings, progress=not args.quiet)
     s = settings

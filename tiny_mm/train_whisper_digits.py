@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -38,6 +37,7 @@ from tiny_mm.data.spoken_digits import (
     make_clips, require_espeak, split_strings, word_error_rate,
 )
 from tiny_mm.whisper import Whisper, WhisperDims, greedy_decode
+from tiny_mm.training import warmup_cosine
 
 __all__ = [
     "tiny_digits_dims", "new_model", "DigitsConfig", "DigitsResult", "teacher_forcing_loss", "transcribe", "evaluate",
@@ -190,10 +190,7 @@ def evaluate(model: Whisper, data: SpokenDigits) -> dict:
 
 def lr_at(step: int, config: DigitsConfig) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up to config.lr, then cosine to 0."""
-    if step < config.warmup:
-        return config.lr * (step + 1) / config.warmup
-    progress = (step - config.warmup) / max(config.steps - config.warmup, 1)  # 0 -> 1
-    return config.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return warmup_cosine(step, config.steps, config.lr, config.warmup)
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -26,7 +26,7 @@ hundred steps here keeps a small fraction of the codes alive (measure it with
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tiny_mm.vq import VectorQuantizer
+from tiny_mm.training import load_sized_model, save_sized_model
 
 __all__ = [
     "VQVAEConfig",
@@ -267,17 +268,9 @@ def train_vqvae(
 
 def save_vqvae(model: VQVAE, path: str | Path) -> None:
     """Write {"config": sizes, "state_dict": weights}; `load_vqvae` reads it back."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"config": asdict(model.config), "state_dict": state}, str(path))
+    save_sized_model(model, path)
 
 
 def load_vqvae(path: str | Path) -> VQVAE:
     """Rebuild a `VQVAE` saved by `save_vqvae` (weights_only: the file cannot run code)."""
-    saved = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(saved, dict) or set(saved) != {"config", "state_dict"}:
-        raise ValueError(f"{path} is not a VQ-VAE checkpoint (expected keys 'config' and 'state_dict')")
-    model = VQVAE(VQVAEConfig(**saved["config"]))
-    missing, unexpected = model.load_state_dict(saved["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{path} does not fit the model: missing {missing}, unexpected {unexpected}")
-    return model.eval()
+    return load_sized_model(path, VQVAE, VQVAEConfig, "a VQ-VAE")
