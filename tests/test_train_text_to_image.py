@@ -48,7 +48,6 @@ def test_quick_run_has_every_row_and_model(quick_result):
     assert set(quick_result.models) == {"vqvae", "dalle", "diffusion"}
     for m in quick_result.models.values():
         assert m["params"] > 0 and m["seconds"] > 0 and np.isfinite(m["final_loss"])
-    assert quick_result.models["dalle"]["params"] == sum(p.numel() for p in quick_result.trained["dalle"].parameters())
 
 
 def test_the_grid_holds_one_prompt_per_pair(quick_result):

@@ -55,6 +55,7 @@ from tiny_mm.data.shapes import (
 from tiny_mm.data.words import shapes_vocab
 from tiny_mm.diffusion import NoiseSchedule, sample
 from tiny_mm.denoiser import Caption, DenoiserConfig, TextDenoiser, caption_dropout, patchify, unpatchify
+from tiny_mm.training import comma_names, import_kernels_first, out_folder_problem, warmup_cosine
 from tiny_mm.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
 __all__ = [
@@ -107,7 +108,8 @@ class TextToImageSettings:
     guidance: the classifier-free guidance scales to judge (0: unconditional, 1: no guidance).
     temperature, top_k: the DALL·E sampler's settings to judge, one row per pair.
     prompts: prompts per split (seen pairs, held-out pairs); one sample each per setting.
-    clip_steps: steps of the judge's training (`tiny_mm.train_clip`), when no --clip is given.
+    clip_steps, clip_batch, clip_images: steps, batch and training pool of the judge
+        (`tiny_mm.train_clip`, chapter 5's recipe otherwise), when no --clip is given.
     seed: seeds the data (training images 10 seed + 1, prompts 10 seed + 2), the weights,
         the batches and the samples.
     threads: torch CPU threads during the run (None: leave torch's setting).
@@ -135,12 +137,15 @@ class TextToImageSettings:
     top_k: int | None = None
     prompts: int = 100
     clip_steps: int = 600
+    clip_batch: int = 256
+    clip_images: int = 4096
     seed: int = 0
     threads: int | None = None
 
     def __post_init__(self) -> None:
         check_ints(self, positive=("train_images", "batch_size", "vqvae_steps", "dalle_steps", "diffusion_steps",
-                                   "schedule_steps", "sample_steps", "prompts", "clip_steps"),
+                                   "schedule_steps", "sample_steps", "prompts", "clip_steps",
+                                   "clip_batch", "clip_images"),
                    non_negative=("warmup", "seed"))
         check_optimiser(self.lr)
         check_threads(self.threads)
@@ -190,7 +195,7 @@ class TextToImageSettings:
             vqvae=VQVAEConfig(hidden=16, code_dim=8, num_codes=16),
             dalle=DalleConfig(num_codes=16, width=32, layers=1, heads=2),
             denoiser=DenoiserConfig(width=32, layers=1, heads=2, text_width=16),
-            schedule_steps=50, sample_steps=3, prompts=8, clip_steps=4,
+            schedule_steps=50, sample_steps=3, prompts=8, clip_steps=4, clip_batch=32, clip_images=128,
         )
         return replace(small, **changes)
 # ANCHOR_END: TextToImageSettings
@@ -289,23 +294,14 @@ def _judge(clip_path: str | Path | None, settings: TextToImageSettings, say) -> 
         return ClipJudge(load_clip(path)), str(path)
     from tiny_mm.train_clip import TrainConfig, train_clip
 
-    quick = settings.clip_steps < 50
-    config = TrainConfig(steps=settings.clip_steps, seed=settings.seed, threads=settings.threads,
-                         **({"batch_size": 32, "train_images": 128, "eval_images": 16, "warmup": 2} if quick else {}))
+    config = TrainConfig(steps=settings.clip_steps, batch_size=settings.clip_batch, train_images=settings.clip_images,
+                         seed=settings.seed, threads=settings.threads)
     say(f"training the judge: a tiny CLIP, {config.steps} steps of {config.batch_size} (chapter 5's recipe)")
     result = train_clip(config, progress=False)
     return ClipJudge(result.model), f"trained here ({config.steps} steps)"
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _lr(step: int, settings: TextToImageSettings, steps: int) -> float:
-    """Linear warm-up to settings.lr, then cosine decay to 0 at ``steps``."""
-    if step < settings.warmup:
-        return settings.lr * (step + 1) / settings.warmup
-    progress = (step - settings.warmup) / max(steps - settings.warmup, 1)
-    return settings.lr * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def _optimise(model: nn.Module, steps: int, settings: TextToImageSettings, loss_of_step, label: str,
@@ -319,7 +315,7 @@ def _optimise(model: nn.Module, steps: int, settings: TextToImageSettings, loss_
     bar = tqdm(range(steps), desc=label, unit="step", disable=not progress, file=sys.stderr, leave=False)
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = _lr(step, settings, steps)
+            group["lr"] = warmup_cosine(step, steps, settings.lr, settings.warmup)
         loss = loss_of_step()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -487,10 +483,7 @@ def run_experiment(settings: TextToImageSettings = TextToImageSettings(), *, cli
     """Train the tokenizer and the generators, then judge every sampler setting on both splits."""
     if not isinstance(settings, TextToImageSettings):
         raise ValueError(f"settings must be a TextToImageSettings, got {type(settings).__name__}")
-    try:
-        import kernels  # noqa: F401  (before torch imports Triton: see kernels/__init__.py)
-    except ImportError:
-        pass
+    import_kernels_first()
     start = time.perf_counter()
     threads_before = torch.get_num_threads()
     if settings.threads is not None:
@@ -525,8 +518,6 @@ def run_experiment(settings: TextToImageSettings = TextToImageSettings(), *, cli
                                                      batch_size=s.batch_size, seed=s.seed, progress=progress))
         vqvae.eval()
         codes, latents = encode_images(vqvae, train.images)
-        with torch.no_grad():
-            recon = vqvae.decode_codes(encode_images(vqvae, prompts["seen"].images)[0])
         losses["vqvae"] = history["recon"]
         models["vqvae"].update(params=sum(p.numel() for p in vqvae.parameters()),
                                final_loss=float(np.mean(history["recon"][-20:])))
@@ -546,9 +537,10 @@ def run_experiment(settings: TextToImageSettings = TextToImageSettings(), *, cli
                 f"{100 * scores['heldout'].match:.0f}% held out")
 
         rows.append(ScoreRow("real", "images", *(judge.score(p.images, p.classes) for p in prompts.values()), 0.0))
-        rows.append(ScoreRow("vqvae", "reconstructed", judge.score(recon, prompts["seen"].classes),
-                             judge.score(vqvae.decode_codes(encode_images(vqvae, prompts["heldout"].images)[0]),
-                                         prompts["heldout"].classes), 0.0))
+        with torch.no_grad():  # the tokenizer's round trip: the ceiling of what the token generator can draw
+            rows.append(ScoreRow("vqvae", "reconstructed", *(
+                judge.score(vqvae.decode_codes(encode_images(vqvae, p.images)[0]), p.classes)
+                for p in prompts.values()), 0.0))
         samples["real images"] = _to_uint8(grid.images)[:, None]
 
         if "dalle" in s.generators:
@@ -609,7 +601,7 @@ def format_models(result: TextToImageResult) -> str:
 
 
 def _numbers(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(",") if x.strip())
+    return tuple(float(x) for x in comma_names(text))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -653,10 +645,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         base = TextToImageSettings.quick() if args.quick else TextToImageSettings()
-        changes = {"generators": tuple(x.strip() for x in args.generators.split(",") if x.strip()),
+        changes = {"generators": comma_names(args.generators),
                    "guidance": _numbers(args.guidance), "temperature": _numbers(args.temperature),
                    "top_k": args.top_k, "seed": args.seed, "threads": args.threads, "space": args.space,
-                   "sizes": tuple(x.strip() for x in args.sizes.split(",") if x.strip())}
+                   "sizes": comma_names(args.sizes)}
         if args.steps is not None:
             changes.update(dalle_steps=args.steps, diffusion_steps=args.steps)
         for name in ("vqvae_steps", "sample_steps", "prompts", "train_images"):
@@ -666,8 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        print(f"error: --out must be a folder, and {args.out} is a file", file=sys.stderr)
+    if problem := out_folder_problem(args.out):
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
         result = run_experiment(settings, clip_path=args.clip, progress=not args.quiet)
@@ -675,7 +667,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     s = settings
-    print(f"{s.train_images} training images of {25} colour-shape pairs; {s.prompts} prompts per split; "
+    seen_pairs = len(split_by_combinations(ShapesConfig())[0])
+    print(f"{s.train_images} training images of {seen_pairs} colour-shape pairs; {s.prompts} prompts per split; "
           f"judge: tiny CLIP {result.judge}; {result.seconds:.1f} s in all on {result.threads} thread(s)")
     print(format_models(result))
     print()
