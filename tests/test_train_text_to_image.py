@@ -19,7 +19,11 @@ from tiny_mm.train_text_to_image import (
     make_images,
     run_experiment,
     sample_diffusion,
+    train_denoiser,
+    transformer_denoiser,
 )
+from tiny_mm.denoiser import DenoiserConfig, TextDenoiser
+from tiny_mm.unet import TextUNet, UNetConfig
 from tiny_mm.vqvae import VQVAE, VQVAEConfig
 
 
@@ -133,6 +137,11 @@ def test_diffusion_samples_are_images(quick_result):
     ({"sizes": ("huge",)}, "sizes"),
     ({"vqvae": VQVAEConfig(num_codes=32)}, "num_codes"),
     ({"vqvae": VQVAEConfig(image_size=16)}, "32"),
+    ({"loss_weighting": "snr"}, "loss_weighting"),
+    ({"space": "latents"}, "the U-Net denoises pixels"),
+    ({"denoiser": UNetConfig(patch=8)}, "the U-Net denoises pixels"),
+    ({"denoiser": DenoiserConfig(width=32, prediction="eps")}, "with prediction 'eps'"),
+    ({"denoiser": VQVAEConfig()}, "UNetConfig or DenoiserConfig"),
 ])
 def test_settings_refuse_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -146,6 +155,44 @@ def test_command_line(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "prompt match" in out and "dalle      T=1" in out and "diffusion" not in out.split("prompt match")[1]
     assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "samples.npz").is_file()
+
+
+def test_the_default_diffusion_is_the_unet_and_the_transformer_runs_on_pixels_and_latents(quick_result, capsys):
+    assert isinstance(quick_result.trained["diffusion"], TextUNet)
+    for space in ("pixels", "latents"):
+        settings = TextToImageSettings.quick(
+            generators=("diffusion",), guidance=(2.0,), prompts=2, space=space,
+            denoiser=transformer_denoiser(VQVAEConfig(hidden=16, code_dim=8, num_codes=16), space, quick=True))
+        result = run_experiment(settings, progress=False)
+        assert isinstance(result.trained["diffusion"], TextDenoiser)
+        assert result.rows[-1].generator == "diffusion" and np.isfinite(result.models["diffusion"]["final_loss"])
+    assert main(["--quick", "--quiet", "--generators", "diffusion", "--space", "latents", "--prompts", "2",
+                 "--guidance", "1"]) == 0
+    assert "diffusion  w=1" in capsys.readouterr().out
+    assert main(["--quick", "--quiet", "--space", "latents", "--denoiser", "unet"]) == 2
+    assert "the U-Net denoises pixels" in capsys.readouterr().err
+
+
+def test_x0_weighting_weighs_each_example_by_its_noise_share():
+    # The loss of one step, recomputed by hand from the same draws: (1 - abar_t) ||v - v_hat||^2 / (N C), averaged.
+    from tiny_mm.denoiser import Caption, caption_dropout, patchify
+    from tiny_mm.diffusion import NoiseSchedule
+
+    for weighting in ("x0", "v"):
+        settings = TextToImageSettings.quick(diffusion_steps=1, lr=1e-12, warmup=0, loss_weighting=weighting)
+        data = make_images(settings.batch_size * 2, split_by_combinations(ShapesConfig())[0], 3, sizes=("large",))
+        model, schedule, losses = train_denoiser(patchify(data.images), data, settings)
+        draws = torch.Generator().manual_seed(settings.seed)
+        x0 = patchify(data.images) * 2 - 1
+        rows = torch.randint(len(x0), (settings.batch_size,), generator=draws)
+        t, eps, x_t = schedule.training_example(x0[rows], draws)
+        caption = caption_dropout(Caption(data.ids[rows], data.lengths[rows]), settings.caption_dropout, draws)
+        fresh = TextUNet(settings.denoiser)  # predicts 0 (its output layer starts at zero), as the trained one did at step 0
+        with torch.no_grad():
+            err = (fresh(x_t, t, caption) - schedule.v_target(x0[rows], t, eps)).square().mean(dim=(1, 2))
+        abar = schedule.alphas_cumprod[t]
+        expected = ((1 - abar) * err.double()).mean() if weighting == "x0" else err.mean()
+        assert abs(losses[0] - float(expected)) < 1e-5 * float(expected)
 
 
 def test_command_line_errors(tmp_path, capsys):

@@ -51,7 +51,9 @@ __all__ = [
     "TokenScaler",
     "TextEncoder",
     "DenoiserBlock",
+    "VOrEps",
     "TextDenoiser",
+    "check_caption",
     "save_denoiser",
     "load_denoiser",
 ]
@@ -262,8 +264,26 @@ class DenoiserBlock(nn.Module):
 # ANCHOR_END: DenoiserBlock
 
 
+# ANCHOR: VOrEps
+class VOrEps:
+    """What a denoiser's output means, for a network whose ``config.prediction`` is "v" or "eps".
+
+    eps(schedule): the network as `tiny_mm.diffusion.sample` wants it, (z_t, t, caption) -> eps;
+    target(schedule, x0, t, eps): what it learns to output for x_t = q_sample(x0, t, eps).
+    """
+
+    def eps(self, schedule):
+        if self.config.prediction == "eps":
+            return self
+        return lambda z_t, t, caption: schedule.eps_from_v(z_t, t, self(z_t, t, caption))
+
+    def target(self, schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return eps if self.config.prediction == "eps" else schedule.v_target(x0, t, eps)
+# ANCHOR_END: VOrEps
+
+
 # ANCHOR: TextDenoiser
-class TextDenoiser(nn.Module):
+class TextDenoiser(VOrEps, nn.Module):
     """Predicts the noise (or v) of noised image tokens, given the step and the caption.
 
     Shapes: forward(x_t (B, N, C), t (B,) long, caption Caption(ids (B, T), lengths (B,)))
@@ -301,36 +321,28 @@ class TextDenoiser(nn.Module):
             raise ValueError(f"t must have shape ({batch},), got {getattr(t, 'shape', type(t))}")
         if caption is None:
             caption = empty_captions(batch, c.text_len, z_t.device)
-        self._check_caption(caption, batch)
+        check_caption(caption, batch, c.text_len, c.text_vocab)
         text = self.text_encoder(caption)  # (B, T, e)
         time = self.time_mlp(timestep_embedding(t, c.width, dtype=z_t.dtype))  # (B, d)
         x = self.input_proj(z_t) + self.positional_embedding + time[:, None]  # (B, N, d)
         for block in self.blocks:
             x = block(x, text, caption.lengths)  # (B, N, d)
         return self.output_proj(self.ln_final(x))  # (B, N, C)
-
-    def eps(self, schedule):
-        """The denoiser as `tiny_mm.diffusion.sample` wants it: (z_t, t, caption) -> the noise eps."""
-        if self.config.prediction == "eps":
-            return self
-        return lambda z_t, t, caption: schedule.eps_from_v(z_t, t, self(z_t, t, caption))
-
-    def target(self, schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
-        """What this denoiser learns to output for x_t = q_sample(x0, t, eps): v or eps."""
-        return eps if self.config.prediction == "eps" else schedule.v_target(x0, t, eps)
-
-    def _check_caption(self, caption: Caption, batch: int) -> None:
-        c = self.config
-        ids, lengths = caption
-        if not isinstance(ids, Tensor) or ids.dtype != torch.long or tuple(ids.shape) != (batch, c.text_len):
-            raise ValueError(f"caption ids must be an int64 tensor ({batch}, {c.text_len}), "
-                             f"got {getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
-        if int(ids.min()) < 0 or int(ids.max()) >= c.text_vocab:
-            raise ValueError(f"word ids must lie in [0, {c.text_vocab})")
-        if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (batch,) or int(lengths.min()) < 1 \
-                or int(lengths.max()) > c.text_len:
-            raise ValueError(f"caption lengths must be ({batch},) in [1, {c.text_len}]")
 # ANCHOR_END: TextDenoiser
+
+
+def check_caption(caption: Caption, batch: int, text_len: int, text_vocab: int) -> None:
+    """Raise ValueError unless caption holds int64 ids (batch, text_len) in [0, text_vocab) and
+    lengths (batch,) in [1, text_len]: what both denoisers check before reading a caption."""
+    ids, lengths = caption
+    if not isinstance(ids, Tensor) or ids.dtype != torch.long or tuple(ids.shape) != (batch, text_len):
+        raise ValueError(f"caption ids must be an int64 tensor ({batch}, {text_len}), "
+                         f"got {getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
+    if int(ids.min()) < 0 or int(ids.max()) >= text_vocab:
+        raise ValueError(f"word ids must lie in [0, {text_vocab})")
+    if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (batch,) or int(lengths.min()) < 1 \
+            or int(lengths.max()) > text_len:
+        raise ValueError(f"caption lengths must be ({batch},) in [1, {text_len}]")
 
 
 def save_denoiser(model: TextDenoiser, path: str | Path) -> None:

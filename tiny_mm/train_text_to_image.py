@@ -10,11 +10,12 @@ say its colour, shape, size and position):
     tokenizer   `tiny_mm.vqvae.VQVAE`: 64 codes of 64 per image, shared by both generators
     dalle       `tiny_mm.dalle.TinyDalle`: [caption words, 64 codes], next-token
                 cross-entropy; sampled with temperature and top-k
-    diffusion   `tiny_mm.denoiser.TextDenoiser` on 4 x 4 pixel patches (or, with
-                --space latents, on the VQ-VAE's latents before quantisation, as Stable
-                Diffusion does on its VAE's); a cosine schedule of 1000 steps, v-prediction,
-                the caption dropped for 10% of the examples; sampled with DDIM and
-                classifier-free guidance
+    diffusion   `tiny_mm.unet.TextUNet` on the pixels (or the transformer
+                `tiny_mm.denoiser.TextDenoiser` on 4 x 4 pixel patches, or on the VQ-VAE's
+                latents before quantisation with --space latents, as Stable Diffusion does
+                on its VAE's); a cosine schedule of 1000 steps, v-prediction with the error
+                weighted as the x0 it implies, the caption dropped for 10% of the examples;
+                sampled with DDIM and classifier-free guidance
     judge       a tiny CLIP (`tiny_mm.train_clip`, chapter 5; trained here or loaded with
                 --clip), zero-shot among all 30 colour-shape classes with its prompt
                 ensemble: a sample *matches* when the class it sees is the prompt's colour
@@ -39,7 +40,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tiny_mm.checks import check_ints, check_optimiser, check_threads
@@ -55,6 +55,7 @@ from tiny_mm.data.shapes import (
 from tiny_mm.data.words import shapes_vocab
 from tiny_mm.diffusion import NoiseSchedule, sample
 from tiny_mm.denoiser import Caption, DenoiserConfig, TextDenoiser, caption_dropout, patchify, unpatchify
+from tiny_mm.unet import TextUNet, UNetConfig
 from tiny_mm.training import comma_names, import_kernels_first, out_folder_problem, warmup_cosine
 from tiny_mm.vqvae import VQVAE, VQVAEConfig, train_vqvae
 
@@ -62,6 +63,7 @@ __all__ = [
     "GENERATORS",
     "TextToImageSettings",
     "Captioned",
+    "transformer_denoiser",
     "make_images",
     "encode_images",
     "ClipJudge",
@@ -79,6 +81,7 @@ __all__ = [
 
 GENERATORS = ("dalle", "diffusion")
 PATCH = 4  # pixels per side of one diffusion token, when the diffusion runs on pixels
+LOSS_WEIGHTINGS = ("x0", "v")
 
 
 # --------------------------------------------------------------------------- settings
@@ -98,11 +101,18 @@ class TextToImageSettings:
         cosine decay to 0, gradients clipped at norm 1 (the VQ-VAE: Adam, constant lr,
         its own recipe in `train_vqvae`).
     vqvae_steps, dalle_steps, diffusion_steps: optimiser steps of each model.
-    vqvae, dalle, denoiser: the models' sizes.
+    vqvae, dalle: the models' sizes.
+    denoiser: the diffusion's network, by the kind of its sizes: a `UNetConfig` (the U-Net,
+        pixels only) or a `DenoiserConfig` (the transformer, pixels or latents).
     space: what the diffusion denoises: "pixels" (4 x 4 patches, 64 tokens of 48 numbers in
         [-1, 1]) or "latents" (the VQ-VAE's 64 vectors before quantisation, standardised per
         channel, snapped to the codebook at the end).
     schedule, schedule_steps: the diffusion's noise schedule ("cosine" or "linear") and T.
+    loss_weighting: how the diffusion's squared error of v counts at step t: "x0" weighs it by
+        1 - abar_t, which makes it the squared error of the x0 the prediction implies (the
+        noisy steps, where the caption decides the picture, count fully; the last few, whose
+        target is mostly the images' own pixel noise, hardly at all); "v" counts every step
+        alike (Salimans & Ho's loss).
     caption_dropout: probability that a diffusion training caption becomes the empty one.
     sample_steps: DDIM steps per diffusion sample (deterministic, eta = 0).
     guidance: the classifier-free guidance scales to judge (0: unconditional, 1: no guidance).
@@ -126,10 +136,11 @@ class TextToImageSettings:
     diffusion_steps: int = 2000
     vqvae: VQVAEConfig = field(default_factory=VQVAEConfig)
     dalle: DalleConfig = field(default_factory=lambda: DalleConfig(width=96, layers=3))
-    denoiser: DenoiserConfig = field(default_factory=lambda: DenoiserConfig(width=96, layers=4))
+    denoiser: UNetConfig | DenoiserConfig = field(default_factory=UNetConfig)
     space: str = "pixels"
     schedule: str = "cosine"
     schedule_steps: int = 1000
+    loss_weighting: str = "x0"
     caption_dropout: float = 0.1
     sample_steps: int = 25
     guidance: tuple[float, ...] = (0.0, 1.0, 2.0, 4.0)
@@ -154,9 +165,10 @@ class TextToImageSettings:
             raise ValueError(f"generators must be a non-empty tuple of names from {GENERATORS}, got {g!r}")
         if self.batch_size > self.train_images:
             raise ValueError(f"batch_size {self.batch_size} is larger than the {self.train_images} train_images")
-        for name, kind in (("vqvae", VQVAEConfig), ("dalle", DalleConfig), ("denoiser", DenoiserConfig)):
+        for name, kind in (("vqvae", VQVAEConfig), ("dalle", DalleConfig), ("denoiser", (UNetConfig, DenoiserConfig))):
             if not isinstance(getattr(self, name), kind):
-                raise ValueError(f"{name} must be a {kind.__name__}, got {type(getattr(self, name)).__name__}")
+                names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ValueError(f"{name} must be a {names}, got {type(getattr(self, name)).__name__}")
         v, d, n = self.vqvae, self.dalle, self.denoiser
         if v.image_size != 32:
             raise ValueError(f"vqvae.image_size must be 32, the judge's image size, got {v.image_size}")
@@ -165,6 +177,9 @@ class TextToImageSettings:
                              f"(the VQ-VAE's), got {d.num_codes} and {d.image_tokens}")
         if self.space not in ("pixels", "latents"):
             raise ValueError(f"space must be 'pixels' or 'latents', got {self.space!r}")
+        if isinstance(n, UNetConfig) and (self.space != "pixels" or (n.image_size, n.patch) != (v.image_size, PATCH)):
+            raise ValueError(f"the U-Net denoises pixels: it needs space 'pixels', image_size {v.image_size} and "
+                             f"patch {PATCH}, got {self.space!r}, {n.image_size} and {n.patch}")
         want = (3 * PATCH**2, (v.image_size // PATCH) ** 2) if self.space == "pixels" else (v.code_dim, v.num_tokens)
         if (n.token_dim, n.num_tokens) != want:
             raise ValueError(f"denoiser needs token_dim = {want[0]} and num_tokens = {want[1]} for space "
@@ -176,6 +191,11 @@ class TextToImageSettings:
             raise ValueError(f"sizes must be a non-empty tuple of 'small' and 'large', got {self.sizes!r}")
         if self.schedule not in ("cosine", "linear"):
             raise ValueError(f"schedule must be 'cosine' or 'linear', got {self.schedule!r}")
+        if self.loss_weighting not in LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {LOSS_WEIGHTINGS}, got {self.loss_weighting!r}")
+        if self.loss_weighting == "x0" and n.prediction != "v":
+            raise ValueError("loss_weighting 'x0' weighs a v-prediction's error; with prediction 'eps' "
+                             "use loss_weighting 'v' (every step alike, Ho et al.'s loss)")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must be in [0, 1), got {self.caption_dropout!r}")
         for name in ("guidance", "temperature"):
@@ -194,11 +214,20 @@ class TextToImageSettings:
             train_images=128, batch_size=16, warmup=2, vqvae_steps=6, dalle_steps=6, diffusion_steps=6,
             vqvae=VQVAEConfig(hidden=16, code_dim=8, num_codes=16),
             dalle=DalleConfig(num_codes=16, width=32, layers=1, heads=2),
-            denoiser=DenoiserConfig(width=32, layers=1, heads=2, text_width=16),
+            denoiser=UNetConfig(channels=8, groups=4, heads=2, text_width=16),
             schedule_steps=50, sample_steps=3, prompts=8, clip_steps=4, clip_batch=32, clip_images=128,
         )
         return replace(small, **changes)
 # ANCHOR_END: TextToImageSettings
+
+
+def transformer_denoiser(vqvae: VQVAEConfig, space: str, *, quick: bool = False) -> DenoiserConfig:
+    """The transformer denoiser's sizes for ``space`` (the token size the pixels or the VQ-VAE's
+    latents set): width 96 and 4 layers, or the quick run's 32 and 1."""
+    tokens = dict(token_dim=3 * PATCH**2, num_tokens=(vqvae.image_size // PATCH) ** 2) if space == "pixels" \
+        else dict(token_dim=vqvae.code_dim, num_tokens=vqvae.num_tokens)
+    sizes = dict(width=32, layers=1, heads=2, text_width=16) if quick else dict(width=96, layers=4)
+    return DenoiserConfig(**tokens, **sizes)
 
 
 # --------------------------------------------------------------------------- data
@@ -347,19 +376,20 @@ def train_dalle(codes: Tensor, data: Captioned, settings: TextToImageSettings, *
 
 # ANCHOR: train_denoiser
 def train_denoiser(tokens: Tensor, data: Captioned, settings: TextToImageSettings, *,
-                   progress: bool = False) -> tuple[TextDenoiser, NoiseSchedule, list[float]]:
-    """Teach a TextDenoiser to denoise noised image tokens (N, 64, C), reading the captions.
+                   progress: bool = False) -> tuple[TextUNet | TextDenoiser, NoiseSchedule, list[float]]:
+    """Teach a denoiser (settings.denoiser: the U-Net or the transformer) to denoise noised
+    image tokens (N, 64, C), reading the captions.
 
     tokens: pixel patches in [0, 1] (`patchify`) or VQ-VAE latents, as settings.space says.
     Each step: the scaled tokens x0 of a batch, a uniform step t and noise eps
     per example, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the squared
     error of the predicted v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (or of eps,
-    with denoiser.prediction = "eps"); each caption becomes the empty one with
-    probability caption_dropout, so the same network also learns the
-    unconditional model that guidance needs.
+    with denoiser.prediction = "eps"), per example weighted as settings.loss_weighting
+    says; each caption becomes the empty one with probability caption_dropout, so
+    the same network also learns the unconditional model that guidance needs.
     """
     torch.manual_seed(settings.seed)
-    model = TextDenoiser(settings.denoiser)
+    model = TextUNet(settings.denoiser) if isinstance(settings.denoiser, UNetConfig) else TextDenoiser(settings.denoiser)
     if settings.space == "pixels":
         model.scaler.set(0.5, 0.5)  # [0, 1] -> [-1, 1]
     else:
@@ -367,12 +397,17 @@ def train_denoiser(tokens: Tensor, data: Captioned, settings: TextToImageSetting
     x0_all = model.scaler.scale(tokens).float()  # (N, 64, C)
     schedule = NoiseSchedule(settings.schedule_steps, settings.schedule)
     draws = torch.Generator().manual_seed(settings.seed)
+    noise_share = (1.0 - schedule.alphas_cumprod).float()  # (T,): 1 - abar_t
 
     def loss_of_step() -> Tensor:
         rows = torch.randint(len(x0_all), (settings.batch_size,), generator=draws)  # (b,)
         t, eps, x_t = schedule.training_example(x0_all[rows], draws)  # (b,), (b, 64, C), (b, 64, C)
         caption = caption_dropout(Caption(data.ids[rows], data.lengths[rows]), settings.caption_dropout, draws)
-        return F.mse_loss(model(x_t, t, caption), model.target(schedule, x0_all[rows], t, eps))
+        error = (model(x_t, t, caption) - model.target(schedule, x0_all[rows], t, eps)).square().mean(dim=(1, 2))
+        if settings.loss_weighting == "x0":
+            # ||x0 - x0_hat||^2 = (1 - abar_t) ||v - v_hat||^2, since x0_hat = sqrt(abar_t) x_t - sqrt(1 - abar_t) v_hat
+            error = noise_share[t] * error
+        return error.mean()
 
     return model, schedule, _optimise(model, settings.diffusion_steps, settings, loss_of_step, "diffusion", progress)
 # ANCHOR_END: train_denoiser
@@ -391,7 +426,7 @@ def sample_dalle(model: TinyDalle, vqvae: VQVAE, ids: Tensor, *, temperature: fl
 
 
 @torch.no_grad()
-def sample_diffusion(model: TextDenoiser, schedule: NoiseSchedule, caption: Caption, *, vqvae: VQVAE | None = None,
+def sample_diffusion(model: TextUNet | TextDenoiser, schedule: NoiseSchedule, caption: Caption, *, vqvae: VQVAE | None = None,
                      guidance: float = 1.0, steps: int = 25, generator: torch.Generator | None = None) -> Tensor:
     """Images (N, 3, 32, 32) for captions: DDIM from noise with classifier-free guidance.
 
@@ -614,6 +649,8 @@ def _parser() -> argparse.ArgumentParser:
         "training and held out of it, at several temperatures and guidance scales.",
     )
     p.add_argument("--generators", default=",".join(d.generators), help=f"from {','.join(GENERATORS)} (default: both)")
+    p.add_argument("--denoiser", choices=("unet", "transformer"), default=None,
+                   help="the diffusion's network (default: unet on pixels; the latents need the transformer)")
     p.add_argument("--space", choices=("pixels", "latents"), default=d.space,
                    help="what the diffusion denoises: 4 x 4 pixel patches, or the VQ-VAE's latents "
                    "(default %(default)s)")
@@ -649,6 +686,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "guidance": _numbers(args.guidance), "temperature": _numbers(args.temperature),
                    "top_k": args.top_k, "seed": args.seed, "threads": args.threads, "space": args.space,
                    "sizes": comma_names(args.sizes)}
+        if args.denoiser == "transformer" or args.space == "latents":
+            if args.denoiser == "unet":
+                raise ValueError("the U-Net denoises pixels: use --space pixels, or --denoiser transformer")
+            changes["denoiser"] = transformer_denoiser(base.vqvae, args.space, quick=args.quick)
         if args.steps is not None:
             changes.update(dalle_steps=args.steps, diffusion_steps=args.steps)
         for name in ("vqvae_steps", "sample_steps", "prompts", "train_images"):

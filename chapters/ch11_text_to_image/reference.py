@@ -79,6 +79,17 @@ caption's token vectors c (B, T, e), of which the first `lengths[b]` are words:
     x = x + CrossAttn(LN_2(x), c)      (keys and values from the words only)
     x = x + MLP(LN_3(x))               (exact GELU)
 
+Part 5, the U-Net's pieces (`tiny_mm.unet`). A 3 x 3 convolution with zero padding,
+stride s: out[b, o, i, j] = bias[o] + sum over c, u, v of w[o, c, u, v] xpad[b, c, s i + u, s j + v].
+GroupNorm splits the C channels into G groups and standardises each (b, group) over its
+channels and positions (biased variance, eps 1e-5), then scales and shifts per channel.
+A ResBlock, with SiLU(a) = a / (1 + e^-a) and the step's embedding emb (B, E):
+
+    h = conv_1(SiLU(GN_1(x)));  [scale, shift] = W emb' + b with emb' = SiLU(emb)
+    h = conv_2(SiLU(GN_2(h) (1 + scale) + shift));  out = skip(x) + h   (skip: 1 x 1 conv or identity)
+
+and the cross-attention-only block: x = x + CrossAttn(LN_1(x), c); x = x + MLP(LN_2(x)).
+
 No torch here on purpose: the reference must not share a line of code with
 what it checks.
 """
@@ -111,6 +122,10 @@ __all__ = [
     "guided_eps",
     "timestep_embedding",
     "denoiser_block",
+    "conv2d",
+    "group_norm",
+    "res_block",
+    "cross_attention_block",
 ]
 
 
@@ -453,3 +468,60 @@ def denoiser_block(x: np.ndarray, text: np.ndarray, lengths: np.ndarray, params:
     hidden = 0.5 * hidden * (1.0 + _erf(hidden / math.sqrt(2.0)))  # exact GELU
     return x + hidden @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
 # ANCHOR_END: denoiser
+
+
+# ANCHOR: unet
+def conv2d(x: np.ndarray, w: np.ndarray, b: np.ndarray, stride: int = 1, padding: int = 0) -> np.ndarray:
+    """x (B, C, H, W), w (O, C, k, k), b (O,) -> (B, O, H', W'), H' = (H + 2 padding - k) // stride + 1."""
+    x, w, b = (np.asarray(a, dtype=np.float64) for a in (x, w, b))
+    batch, _, height, width = x.shape
+    out_ch, _, k, _ = w.shape
+    xp = np.pad(x, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+    oh, ow = (height + 2 * padding - k) // stride + 1, (width + 2 * padding - k) // stride + 1
+    out = np.zeros((batch, out_ch, oh, ow))
+    for u in range(k):  # one kernel tap at a time: a matrix product over the channels
+        for v in range(k):
+            window = xp[:, :, u : u + stride * oh : stride, v : v + stride * ow : stride]  # (B, C, H', W')
+            out += np.einsum("oc,bchw->bohw", w[:, :, u, v], window)
+    return out + b[None, :, None, None]
+
+
+def group_norm(x: np.ndarray, groups: int, gain: np.ndarray, bias: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """x (B, C, H, W) standardised over each group of C / groups channels and all positions."""
+    x = np.asarray(x, dtype=np.float64)
+    batch, channels, height, width = x.shape
+    g = x.reshape(batch, groups, -1)
+    g = (g - g.mean(-1, keepdims=True)) / np.sqrt(g.var(-1, keepdims=True) + eps)
+    return g.reshape(x.shape) * np.asarray(gain)[None, :, None, None] + np.asarray(bias)[None, :, None, None]
+
+
+def _silu(a: np.ndarray) -> np.ndarray:
+    return a / (1.0 + np.exp(-a))
+
+
+def res_block(x: np.ndarray, emb: np.ndarray, params: dict, groups: int) -> np.ndarray:
+    """One ResBlock: x (B, C_in, H, W), emb (B, E) -> (B, C_out, H, W). params: its state dict
+    (norm_1, conv_1, emb_proj, norm_2, conv_2, and skip when the channels change)."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    h = conv2d(_silu(group_norm(x, groups, p["norm_1.weight"], p["norm_1.bias"])),
+               p["conv_1.weight"], p["conv_1.bias"], padding=1)
+    modulation = _silu(np.asarray(emb, dtype=np.float64)) @ p["emb_proj.weight"].T + p["emb_proj.bias"]
+    scale, shift = np.split(modulation[:, :, None, None], 2, axis=1)  # (B, C_out, 1, 1) each
+    h = group_norm(h, groups, p["norm_2.weight"], p["norm_2.bias"]) * (1 + scale) + shift
+    h = conv2d(_silu(h), p["conv_2.weight"], p["conv_2.bias"], padding=1)
+    skip = conv2d(x, p["skip.weight"], p["skip.bias"]) if "skip.weight" in p else np.asarray(x, dtype=np.float64)
+    return skip + h
+
+
+def cross_attention_block(x: np.ndarray, text: np.ndarray, lengths: np.ndarray, params: dict,
+                          heads: int) -> np.ndarray:
+    """x (B, L, d) reads the caption's words text (B, T, e), then an MLP: -> (B, L, d)."""
+    p = {k: np.asarray(v, dtype=np.float64) for k, v in params.items()}
+    x = np.asarray(x, dtype=np.float64)
+    h = _layer_norm(x, p["ln_1.weight"], p["ln_1.bias"])
+    x = x + _attention(h, np.asarray(text, dtype=np.float64), p, "cross_attn.", heads, lengths)
+    h = _layer_norm(x, p["ln_2.weight"], p["ln_2.bias"])
+    hidden = h @ p["mlp.c_fc.weight"].T + p["mlp.c_fc.bias"]
+    hidden = 0.5 * hidden * (1.0 + _erf(hidden / math.sqrt(2.0)))
+    return x + hidden @ p["mlp.c_proj.weight"].T + p["mlp.c_proj.bias"]
+# ANCHOR_END: unet

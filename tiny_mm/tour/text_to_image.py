@@ -19,10 +19,12 @@ def run(quick: bool) -> bool:
     ok &= _sampler(rng, ref)
     ok &= _ddim(rng, ref)
     ok &= _denoiser(rng, ref)
+    ok &= _res_block(rng, ref)
     ok &= _generate(quick)
     print()
     print("What this showed: the tokenizer's straight-through gradients, the top-k sampler, DDIM and")
-    print("the text-reading denoiser compute what the chapter's NumPy reference computes.")
+    print("the text-reading denoiser and the U-Net's residual block compute what the chapter's NumPy")
+    print("reference computes.")
     print("`tinymm train text-to-image` trains both generators and scores them with a CLIP.")
     return ok
 
@@ -121,6 +123,29 @@ def _denoiser(rng, ref) -> bool:
     return error < 1e-10
 
 
+def _res_block(rng, ref) -> bool:
+    import numpy as np
+    import torch
+
+    from tiny_mm.unet import ResBlock
+
+    c_in, c_out, E, S = 8, int(rng.choice([8, 12])), 10, int(rng.integers(3, 9))
+    block = ResBlock(c_in, c_out, E, groups=4).double()
+    with torch.no_grad():
+        for p in block.parameters():  # every weight random, the zero-initialised conv_2 too
+            p.copy_(torch.from_numpy(0.3 * rng.standard_normal(tuple(p.shape))))
+    x, emb = rng.standard_normal((2, c_in, S, S)), rng.standard_normal((2, E))
+    with torch.no_grad():
+        out = block(torch.from_numpy(x), torch.from_numpy(emb)).numpy()
+    weights = {k: v.detach().numpy() for k, v in block.state_dict().items()}
+    error = relative_error(out, ref.res_block(x, emb, weights, groups=4))
+    print()
+    print(f"5. One U-Net residual block ({c_in} -> {c_out} channels on {S} x {S}, 3 x 3 convolutions, GroupNorm,")
+    print(f"   the step's scale and shift): torch vs NumPy float64, relative error {error:.1e}  limit 1e-10 "
+          f"{verdict(error, 1e-10)}")
+    return error < 1e-10
+
+
 def _generate(quick: bool) -> bool:
     """The chapter's run, as `tinymm train text-to-image --out chapters/ch11_text_to_image` wrote it
     (20 minutes on two cores: too long for a tour stop, so the stop reads what it measured)."""
@@ -131,10 +156,10 @@ def _generate(quick: bool) -> bool:
     print()
     path = REPO_ROOT / "chapters" / "ch11_text_to_image" / "results.json"
     if not path.is_file():
-        print(f"5. no {path.relative_to(REPO_ROOT)}: `tinymm train text-to-image --out chapters/ch11_text_to_image`")
+        print(f"6. no {path.relative_to(REPO_ROOT)}: `tinymm train text-to-image --out chapters/ch11_text_to_image`")
         return True
     run = json.loads(path.read_text())
-    print("5. The chapter's run (`tinymm train text-to-image`, read from results.json): the share of samples")
+    print("6. The chapter's run (`tinymm train text-to-image`, read from results.json): the share of samples")
     print("   in which the judge (a tiny CLIP) sees the prompt's colour and shape:")
     for r in run["rows"]:
         print(f"   {r['generator']:<10} {r['setting']:<14} seen {100 * r['seen']['match']:5.1f}%   "
