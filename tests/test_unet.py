@@ -14,7 +14,7 @@ from tiny_mm.diffusion import NoiseSchedule
 from tiny_mm.unet import CrossAttentionBlock, ResBlock, TextUNet, UNetConfig, load_unet, save_unet
 
 SMALL = UNetConfig(text_vocab=20, text_len=7, image_size=8, patch=2, channels=8, groups=4, heads=2,
-                   text_width=6, text_layers=1)
+                   text_width=6, text_layers=1)  # one text block, so its weights are exercised too
 
 
 def small_model(rng, dtype=torch.float64) -> TextUNet:
@@ -110,6 +110,9 @@ def test_whole_unet_matches_reference_composition(rng):
 
     S, p = SMALL.image_size, SMALL.patch
     image = z.numpy().reshape(3, S // p, S // p, 3, p, p).transpose(0, 3, 1, 4, 2, 5).reshape(3, 3, S, S)
+    grid = np.linspace(-1, 1, S)
+    image = np.concatenate([image, np.broadcast_to(grid[:, None], (3, 1, S, S)),
+                            np.broadcast_to(grid[None, :], (3, 1, S, S))], axis=1)  # the row and column planes
     h0 = res("down_0", ref.conv2d(image, w["conv_in.weight"], w["conv_in.bias"], padding=1))
     h1 = ref.conv2d(h0, w["downsample_1.weight"], w["downsample_1.bias"], stride=2, padding=1)
     h1 = on_grid(ref.cross_attention_block, "down_1_attn", res("down_1", h1))
@@ -180,6 +183,8 @@ def test_bad_inputs_and_configs_say_what_is_wrong(rng):
         UNetConfig(image_size=30, patch=5)
     with pytest.raises(ValueError, match="prediction"):
         UNetConfig(prediction="x0")
+    with pytest.raises(ValueError, match="text_layers"):
+        UNetConfig(text_layers=-1)
     with pytest.raises(ValueError, match="UNetConfig"):
         TextUNet(object())
 
@@ -192,3 +197,18 @@ def test_save_and_load_round_trip(rng, tmp_path):
     z, t, caption = random_inputs(rng, 2, torch.float32)
     with torch.no_grad():
         assert torch.equal(loaded(z, t, caption), model(z, t, caption))
+
+
+def test_with_no_text_layers_each_word_is_its_embedding_and_position(rng):
+    # The default U-Net reads the words themselves: LayerNorm(word embedding + position embedding).
+    model = TextUNet(UNetConfig(text_vocab=20, text_len=7, image_size=8, patch=2, channels=8, groups=4,
+                                heads=2, text_width=6))
+    assert len(model.text_encoder.blocks) == 0
+    _, _, caption = random_inputs(rng, 3, torch.float32)
+    enc = model.text_encoder
+    expected = F.layer_norm(enc.embedding.weight[caption.ids] + enc.positional_embedding, (6,),
+                            enc.ln_final.weight, enc.ln_final.bias)
+    with torch.no_grad():
+        assert rel_err(enc(caption), expected) < 1e-6
+    # unit-scale words, 50 times the positions: the words stay apart as cross-attention's keys
+    assert 0.8 < float(enc.embedding.weight.std()) < 1.2

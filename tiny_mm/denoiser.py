@@ -68,7 +68,8 @@ class DenoiserConfig:
     token_dim, num_tokens: C numbers per image token, N tokens (pixel patches: 48 and 64;
         the VQ-VAE's latents: its code_dim and num_tokens, 32 and 64).
     width, layers, heads, mlp_ratio: the denoiser's d, depth, heads, MLP ratio.
-    text_width, text_layers: the caption encoder's width e and depth.
+    text_width, text_layers: the caption encoder's width e and depth (0: each word is its
+        embedding plus its position's, layer-normalised).
     prediction: what the network's output means, "v" (v = sqrt(abar_t) eps - sqrt(1 - abar_t)
         x0, Salimans & Ho 2022) or "eps" (the noise, Ho et al. 2020). The chapter's model
         predicts v: trained on eps, it learned to ignore the caption (its error with and
@@ -90,10 +91,12 @@ class DenoiserConfig:
 
     def __post_init__(self) -> None:
         for name in ("text_vocab", "text_len", "token_dim", "num_tokens", "width", "layers", "heads",
-                     "text_width", "text_layers"):
+                     "text_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.text_layers, bool) or not isinstance(self.text_layers, int) or self.text_layers < 0:
+            raise ValueError(f"text_layers must be an int >= 0, got {self.text_layers!r}")
         if self.width % self.heads or self.text_width % self.heads:
             raise ValueError(f"width {self.width} and text_width {self.text_width} must be divisible by "
                              f"heads {self.heads}")
@@ -219,14 +222,19 @@ class TokenScaler(nn.Module):
 
 # ANCHOR: TextEncoder
 class TextEncoder(nn.Module):
-    """Caption ids (B, T) and lengths (B,) -> token vectors (B, T, e); padding is never read."""
+    """Caption ids (B, T) and lengths (B,) -> token vectors (B, T, e); padding is never read.
+
+    The word embeddings start at unit scale (torch's default), 50 times the positions': the
+    words are the keys cross-attention chooses among, and at GPT's 0.02 a fresh block's
+    output, the same for every word, drowned them (the denoiser drew the prompt's colour,
+    which the pooled caption carries, but put it anywhere; the chapter has the figures).
+    """
 
     def __init__(self, config: DenoiserConfig) -> None:
         super().__init__()
         e = config.text_width
-        self.embedding = nn.Embedding(config.text_vocab, e)
+        self.embedding = nn.Embedding(config.text_vocab, e)  # N(0, 1)
         self.positional_embedding = nn.Parameter(0.02 * torch.randn(config.text_len, e))  # (T, e)
-        nn.init.normal_(self.embedding.weight, std=0.02)
         self.blocks = nn.ModuleList(
             TransformerBlock(e, config.heads, config.mlp_ratio) for _ in range(config.text_layers)
         )

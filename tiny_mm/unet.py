@@ -10,7 +10,7 @@ cross-attention at the coarse levels, and skip connections carrying the fine
 detail back up. Rombach et al. 2022 put the same cross-attention
 ("SpatialTransformer") inside their U-Net; ours has three levels:
 
-    32 x 32, c      ResBlock                                    -> skip h0
+    32 x 32, c      [RGB, row, column] -> 3 x 3 conv, ResBlock   -> skip h0
     16 x 16, 2c     ResBlock, CrossAttentionBlock (256 positions read the caption) -> skip h1
      8 x 8,  2c     ResBlock, DenoiserBlock (self-attention + cross-attention)    -> skip h2
      8 x 8,  2c     middle: ResBlock, DenoiserBlock, ResBlock
@@ -43,7 +43,7 @@ from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, V
 from tiny_mm.layers import MLP, mlp_hidden
 from tiny_mm.training import load_sized_model, save_sized_model
 
-__all__ = ["UNetConfig", "ResBlock", "CrossAttentionBlock", "TextUNet", "save_unet", "load_unet"]
+__all__ = ["UNetConfig", "with_coordinates", "ResBlock", "CrossAttentionBlock", "TextUNet", "save_unet", "load_unet"]
 
 
 # ANCHOR: UNetConfig
@@ -57,7 +57,10 @@ class UNetConfig:
     channels: c, the width at full resolution (2c at 1/2 and 1/4).
     groups: GroupNorm's groups (c must be divisible by it).
     heads, mlp_ratio: the attention blocks' heads and MLP ratio.
-    text_width, text_layers: the caption encoder's width e and depth.
+    text_width, text_layers: the caption encoder's width e and depth. 0 by default: the
+        words' own embeddings (plus their positions') are what the image reads. These
+        captions need no context to be understood, and a block on top, trained for minutes,
+        made the words harder to tell apart, not easier (the chapter has the figures).
     prediction: "v" or "eps", as `DenoiserConfig.prediction`.
     """
 
@@ -70,15 +73,17 @@ class UNetConfig:
     heads: int = 4
     mlp_ratio: float = 4.0
     text_width: int = 64
-    text_layers: int = 1
+    text_layers: int = 0
     prediction: str = "v"
 
     def __post_init__(self) -> None:
         for name in ("text_vocab", "text_len", "image_size", "patch", "channels", "groups", "heads",
-                     "text_width", "text_layers"):
+                     "text_width"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if isinstance(self.text_layers, bool) or not isinstance(self.text_layers, int) or self.text_layers < 0:
+            raise ValueError(f"text_layers must be an int >= 0, got {self.text_layers!r}")
         if self.image_size % 4 or self.image_size % self.patch:
             raise ValueError(f"image_size {self.image_size} must be divisible by 4 (two halvings) and by "
                              f"patch {self.patch}")
@@ -159,6 +164,16 @@ class CrossAttentionBlock(nn.Module):
 # ANCHOR_END: CrossAttentionBlock
 
 
+def with_coordinates(images: Tensor) -> Tensor:
+    """(B, 3, S, S) -> (B, 5, S, S): the row and the column of each pixel, in [-1, 1], as two more
+    channels (Liu et al. 2018, "CoordConv"). A convolution is the same everywhere; "on the
+    left" needs the network to know where the left is, and zero padding tells it only slowly."""
+    B, _, S, _ = images.shape
+    r = torch.linspace(-1.0, 1.0, S, dtype=images.dtype, device=images.device)
+    rows, cols = torch.meshgrid(r, r, indexing="ij")  # (S, S) each
+    return torch.cat([images, torch.stack([rows, cols])[None].expand(B, -1, -1, -1)], dim=1)
+
+
 def _on_grid(block: nn.Module, x: Tensor, text: Tensor, lengths: Tensor) -> Tensor:
     """Run a token block on a feature map: (B, c, H, W) -> H W tokens (B, H W, c) -> back."""
     B, c, H, W = x.shape
@@ -186,7 +201,7 @@ class TextUNet(VOrEps, nn.Module):
         self.text_encoder = TextEncoder(config)
         self.time_mlp = nn.Sequential(nn.Linear(c, emb), nn.SiLU(), nn.Linear(emb, emb))
         self.text_pool_proj = nn.Linear(e, emb)
-        self.conv_in = nn.Conv2d(3, c, 3, padding=1)
+        self.conv_in = nn.Conv2d(3 + 2, c, 3, padding=1)  # RGB and the two coordinate planes
         # down: 32 -> 16 -> 8
         self.down_0 = ResBlock(c, c, emb, g)
         self.downsample_1 = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -227,7 +242,7 @@ class TextUNet(VOrEps, nn.Module):
         pooled = (text * real[..., None]).sum(1) / real.sum(1, keepdim=True)  # (B, e): mean of the real words
         emb = self.time_mlp(timestep_embedding(t, c.channels, dtype=z_t.dtype)) + self.text_pool_proj(pooled)
 
-        x = unpatchify(z_t, c.patch)  # (B, 3, S, S)
+        x = with_coordinates(unpatchify(z_t, c.patch))  # (B, 5, S, S)
         h0 = self.down_0(self.conv_in(x), emb)  # (B, c, S, S)
         h1 = _on_grid(self.down_1_attn, self.down_1(self.downsample_1(h0), emb), text, lengths)  # (B, 2c, S/2, S/2)
         h2 = _on_grid(self.down_2_attn, self.down_2(self.downsample_2(h1), emb), text, lengths)  # (B, 2c, S/4, S/4)
