@@ -188,8 +188,8 @@ for n in (50, 10, 3):
 # ## 5. The experiment
 #
 # `tinymm train text-to-image --out chapters/ch11_text_to_image` trained a
-# VQ-VAE, a TinyDalle over its codes and a text-conditioned denoiser over
-# pixel patches, and judged their samples with a tiny CLIP: a sample
+# VQ-VAE, a TinyDalle over its codes and a text-conditioned U-Net on the
+# pixels, and judged their samples with a tiny CLIP: a sample
 # *matches* its prompt when the
 # class the CLIP sees (of all 30 colour-shape pairs) is the prompt's. The
 # same CLIP on real images of the same prompts is the best score the metric

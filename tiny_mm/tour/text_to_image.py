@@ -148,7 +148,7 @@ def _res_block(rng, ref) -> bool:
 
 def _generate(quick: bool) -> bool:
     """The chapter's run, as `tinymm train text-to-image --out chapters/ch11_text_to_image` wrote it
-    (20 minutes on two cores: too long for a tour stop, so the stop reads what it measured)."""
+    (30 minutes on two cores: too long for a tour stop, so the stop reads what it measured)."""
     import json
 
     from tiny_mm.notebooks import REPO_ROOT
