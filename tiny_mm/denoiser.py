@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from tiny_mm.attention import MultiHeadAttention
+from tiny_mm.checks import check_ints
 from tiny_mm.data.words import BOS, EOS, PAD
 from tiny_mm.layers import MLP, TransformerBlock, mlp_hidden
 from tiny_mm.training import load_sized_model, save_sized_model
@@ -90,13 +91,9 @@ class DenoiserConfig:
     prediction: str = "v"
 
     def __post_init__(self) -> None:
-        for name in ("text_vocab", "text_len", "token_dim", "num_tokens", "width", "layers", "heads",
-                     "text_width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.text_layers, bool) or not isinstance(self.text_layers, int) or self.text_layers < 0:
-            raise ValueError(f"text_layers must be an int >= 0, got {self.text_layers!r}")
+        check_ints(self, positive=("text_vocab", "text_len", "token_dim", "num_tokens", "width", "layers", "heads",
+                                   "text_width"),
+                   non_negative=("text_layers",))
         if self.width % self.heads or self.text_width % self.heads:
             raise ValueError(f"width {self.width} and text_width {self.text_width} must be divisible by "
                              f"heads {self.heads}")

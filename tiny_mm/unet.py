@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tiny_mm.attention import MultiHeadAttention
+from tiny_mm.checks import check_ints
 from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, VOrEps, check_caption, empty_captions, \
     patchify, timestep_embedding, unpatchify
 from tiny_mm.layers import MLP, mlp_hidden
@@ -77,13 +78,9 @@ class UNetConfig:
     prediction: str = "v"
 
     def __post_init__(self) -> None:
-        for name in ("text_vocab", "text_len", "image_size", "patch", "channels", "groups", "heads",
-                     "text_width"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if isinstance(self.text_layers, bool) or not isinstance(self.text_layers, int) or self.text_layers < 0:
-            raise ValueError(f"text_layers must be an int >= 0, got {self.text_layers!r}")
+        check_ints(self, positive=("text_vocab", "text_len", "image_size", "patch", "channels", "groups", "heads",
+                                   "text_width"),
+                   non_negative=("text_layers",))
         if self.image_size % 4 or self.image_size % self.patch:
             raise ValueError(f"image_size {self.image_size} must be divisible by 4 (two halvings) and by "
                              f"patch {self.patch}")
