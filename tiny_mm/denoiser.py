@@ -54,7 +54,7 @@ __all__ = [
     "DenoiserBlock",
     "VOrEps",
     "TextDenoiser",
-    "check_caption",
+    "checked_inputs",
     "save_denoiser",
     "load_denoiser",
 ]
@@ -318,15 +318,7 @@ class TextDenoiser(VOrEps, nn.Module):
 
     def forward(self, z_t: Tensor, t: Tensor, caption: Caption | None) -> Tensor:
         c = self.config
-        if not isinstance(z_t, Tensor) or z_t.dim() != 3 or tuple(z_t.shape[1:]) != (c.num_tokens, c.token_dim):
-            raise ValueError(f"z_t must have shape (B, {c.num_tokens}, {c.token_dim}), "
-                             f"got {getattr(z_t, 'shape', type(z_t))}")
-        batch = z_t.shape[0]
-        if not isinstance(t, Tensor) or tuple(t.shape) != (batch,):
-            raise ValueError(f"t must have shape ({batch},), got {getattr(t, 'shape', type(t))}")
-        if caption is None:
-            caption = empty_captions(batch, c.text_len, z_t.device)
-        check_caption(caption, batch, c.text_len, c.text_vocab)
+        caption = checked_inputs(c, z_t, t, caption)
         text = self.text_encoder(caption)  # (B, T, e)
         time = self.time_mlp(timestep_embedding(t, c.width, dtype=z_t.dtype))  # (B, d)
         x = self.input_proj(z_t) + self.positional_embedding + time[:, None]  # (B, N, d)
@@ -336,18 +328,31 @@ class TextDenoiser(VOrEps, nn.Module):
 # ANCHOR_END: TextDenoiser
 
 
-def check_caption(caption: Caption, batch: int, text_len: int, text_vocab: int) -> None:
-    """Raise ValueError unless caption holds int64 ids (batch, text_len) in [0, text_vocab) and
-    lengths (batch,) in [1, text_len]: what both denoisers check before reading a caption."""
+def checked_inputs(config, z_t: Tensor, t: Tensor, caption: Caption | None) -> Caption:
+    """Check a denoiser's inputs against its config (num_tokens, token_dim, text_len, text_vocab)
+    and return the caption, the empty one for None. What both denoisers do first.
+
+    z_t (B, N, C); t (B,); caption ids int64 (B, T) in [0, V), lengths (B,) in [1, T].
+    """
+    c = config
+    if not isinstance(z_t, Tensor) or z_t.dim() != 3 or tuple(z_t.shape[1:]) != (c.num_tokens, c.token_dim):
+        raise ValueError(f"z_t must have shape (B, {c.num_tokens}, {c.token_dim}), "
+                         f"got {getattr(z_t, 'shape', type(z_t))}")
+    batch = z_t.shape[0]
+    if not isinstance(t, Tensor) or tuple(t.shape) != (batch,):
+        raise ValueError(f"t must have shape ({batch},), got {getattr(t, 'shape', type(t))}")
+    if caption is None:
+        return empty_captions(batch, c.text_len, z_t.device)
     ids, lengths = caption
-    if not isinstance(ids, Tensor) or ids.dtype != torch.long or tuple(ids.shape) != (batch, text_len):
-        raise ValueError(f"caption ids must be an int64 tensor ({batch}, {text_len}), "
+    if not isinstance(ids, Tensor) or ids.dtype != torch.long or tuple(ids.shape) != (batch, c.text_len):
+        raise ValueError(f"caption ids must be an int64 tensor ({batch}, {c.text_len}), "
                          f"got {getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
-    if int(ids.min()) < 0 or int(ids.max()) >= text_vocab:
-        raise ValueError(f"word ids must lie in [0, {text_vocab})")
+    if int(ids.min()) < 0 or int(ids.max()) >= c.text_vocab:
+        raise ValueError(f"word ids must lie in [0, {c.text_vocab})")
     if not isinstance(lengths, Tensor) or tuple(lengths.shape) != (batch,) or int(lengths.min()) < 1 \
-            or int(lengths.max()) > text_len:
-        raise ValueError(f"caption lengths must be ({batch},) in [1, {text_len}]")
+            or int(lengths.max()) > c.text_len:
+        raise ValueError(f"caption lengths must be ({batch},) in [1, {c.text_len}]")
+    return caption
 
 
 def save_denoiser(model: TextDenoiser, path: str | Path) -> None:

@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from tiny_mm.attention import MultiHeadAttention
 from tiny_mm.checks import check_ints
-from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, VOrEps, check_caption, empty_captions, \
+from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, VOrEps, checked_inputs, \
     patchify, timestep_embedding, unpatchify
 from tiny_mm.layers import MLP, mlp_hidden
 from tiny_mm.training import load_sized_model, save_sized_model
@@ -224,15 +224,7 @@ class TextUNet(VOrEps, nn.Module):
 
     def forward(self, z_t: Tensor, t: Tensor, caption: Caption | None) -> Tensor:
         c = self.config
-        if not isinstance(z_t, Tensor) or z_t.dim() != 3 or tuple(z_t.shape[1:]) != (c.num_tokens, c.token_dim):
-            raise ValueError(f"z_t must have shape (B, {c.num_tokens}, {c.token_dim}), "
-                             f"got {getattr(z_t, 'shape', type(z_t))}")
-        batch = z_t.shape[0]
-        if not isinstance(t, Tensor) or tuple(t.shape) != (batch,):
-            raise ValueError(f"t must have shape ({batch},), got {getattr(t, 'shape', type(t))}")
-        if caption is None:
-            caption = empty_captions(batch, c.text_len, z_t.device)
-        check_caption(caption, batch, c.text_len, c.text_vocab)
+        caption = checked_inputs(c, z_t, t, caption)
         lengths = caption.lengths
         text = self.text_encoder(caption)  # (B, T, e)
         real = (torch.arange(c.text_len, device=z_t.device)[None] < lengths[:, None]).to(text.dtype)  # (B, T)
