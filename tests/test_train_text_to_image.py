@@ -187,7 +187,7 @@ def test_x0_weighting_weighs_each_example_by_its_noise_share():
         rows = torch.randint(len(x0), (settings.batch_size,), generator=draws)
         t, eps, x_t = schedule.training_example(x0[rows], draws)
         caption = caption_dropout(Caption(data.ids[rows], data.lengths[rows]), settings.caption_dropout, draws)
-        fresh = TextUNet(settings.denoiser)  # predicts 0 (its output layer starts at zero), as the trained one did at step 0
+        fresh = TextUNet(settings.denoiser)  # predicts 0, as the trained one did before its first step
         with torch.no_grad():
             err = (fresh(x_t, t, caption) - schedule.v_target(x0[rows], t, eps)).square().mean(dim=(1, 2))
         abar = schedule.alphas_cumprod[t]

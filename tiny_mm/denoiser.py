@@ -54,6 +54,7 @@ __all__ = [
     "DenoiserBlock",
     "VOrEps",
     "TextDenoiser",
+    "check_shared_sizes",
     "checked_inputs",
     "save_denoiser",
     "load_denoiser",
@@ -94,16 +95,24 @@ class DenoiserConfig:
         check_ints(self, positive=("text_vocab", "text_len", "token_dim", "num_tokens", "width", "layers", "heads",
                                    "text_width"),
                    non_negative=("text_layers",))
-        if self.width % self.heads or self.text_width % self.heads:
-            raise ValueError(f"width {self.width} and text_width {self.text_width} must be divisible by "
-                             f"heads {self.heads}")
-        if self.text_len < 2:
-            raise ValueError(f"text_len must hold <bos> and <eos>, got {self.text_len}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if self.prediction not in ("v", "eps"):
-            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be divisible by heads {self.heads}")
+        check_shared_sizes(self)
 # ANCHOR_END: DenoiserConfig
+
+
+def check_shared_sizes(config) -> None:
+    """The checks both denoisers' configs (`DenoiserConfig`, `tiny_mm.unet.UNetConfig`) share:
+    text_width divisible by heads, room for <bos> and <eos>, a positive mlp_ratio, a known prediction."""
+    c = config
+    if c.text_width % c.heads:
+        raise ValueError(f"text_width {c.text_width} must be divisible by heads {c.heads}")
+    if c.text_len < 2:
+        raise ValueError(f"text_len must hold <bos> and <eos>, got {c.text_len}")
+    if isinstance(c.mlp_ratio, bool) or not isinstance(c.mlp_ratio, (int, float)) or not c.mlp_ratio > 0:
+        raise ValueError(f"mlp_ratio must be a positive number, got {c.mlp_ratio!r}")
+    if c.prediction not in ("v", "eps"):
+        raise ValueError(f"prediction must be 'v' or 'eps', got {c.prediction!r}")
 
 
 # ANCHOR: patchify

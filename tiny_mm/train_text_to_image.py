@@ -63,6 +63,7 @@ __all__ = [
     "GENERATORS",
     "TextToImageSettings",
     "Captioned",
+    "token_shape",
     "transformer_denoiser",
     "make_images",
     "encode_images",
@@ -180,7 +181,7 @@ class TextToImageSettings:
         if isinstance(n, UNetConfig) and (self.space != "pixels" or (n.image_size, n.patch) != (v.image_size, PATCH)):
             raise ValueError(f"the U-Net denoises pixels: it needs space 'pixels', image_size {v.image_size} and "
                              f"patch {PATCH}, got {self.space!r}, {n.image_size} and {n.patch}")
-        want = (3 * PATCH**2, (v.image_size // PATCH) ** 2) if self.space == "pixels" else (v.code_dim, v.num_tokens)
+        want = token_shape(v, self.space)
         if (n.token_dim, n.num_tokens) != want:
             raise ValueError(f"denoiser needs token_dim = {want[0]} and num_tokens = {want[1]} for space "
                              f"{self.space!r}, got {n.token_dim} and {n.num_tokens}")
@@ -221,13 +222,19 @@ class TextToImageSettings:
 # ANCHOR_END: TextToImageSettings
 
 
+def token_shape(vqvae: VQVAEConfig, space: str) -> tuple[int, int]:
+    """(C numbers per token, N tokens) of what the diffusion denoises: PATCH x PATCH pixel
+    patches, or the VQ-VAE's latents."""
+    if space == "pixels":
+        return 3 * PATCH**2, (vqvae.image_size // PATCH) ** 2
+    return vqvae.code_dim, vqvae.num_tokens
+
+
 def transformer_denoiser(vqvae: VQVAEConfig, space: str, *, quick: bool = False) -> DenoiserConfig:
-    """The transformer denoiser's sizes for ``space`` (the token size the pixels or the VQ-VAE's
-    latents set): width 96 and 4 layers, or the quick run's 32 and 1."""
-    tokens = dict(token_dim=3 * PATCH**2, num_tokens=(vqvae.image_size // PATCH) ** 2) if space == "pixels" \
-        else dict(token_dim=vqvae.code_dim, num_tokens=vqvae.num_tokens)
+    """The transformer denoiser's sizes for ``space``: width 96 and 4 layers, or the quick run's 32 and 1."""
+    token_dim, num_tokens = token_shape(vqvae, space)
     sizes = dict(width=32, layers=1, heads=2, text_width=16) if quick else dict(width=96, layers=4)
-    return DenoiserConfig(**tokens, **sizes)
+    return DenoiserConfig(token_dim=token_dim, num_tokens=num_tokens, **sizes)
 
 
 # --------------------------------------------------------------------------- data
@@ -389,7 +396,8 @@ def train_denoiser(tokens: Tensor, data: Captioned, settings: TextToImageSetting
     the same network also learns the unconditional model that guidance needs.
     """
     torch.manual_seed(settings.seed)
-    model = TextUNet(settings.denoiser) if isinstance(settings.denoiser, UNetConfig) else TextDenoiser(settings.denoiser)
+    network = TextUNet if isinstance(settings.denoiser, UNetConfig) else TextDenoiser
+    model = network(settings.denoiser)
     if settings.space == "pixels":
         model.scaler.set(0.5, 0.5)  # [0, 1] -> [-1, 1]
     else:
@@ -426,8 +434,9 @@ def sample_dalle(model: TinyDalle, vqvae: VQVAE, ids: Tensor, *, temperature: fl
 
 
 @torch.no_grad()
-def sample_diffusion(model: TextUNet | TextDenoiser, schedule: NoiseSchedule, caption: Caption, *, vqvae: VQVAE | None = None,
-                     guidance: float = 1.0, steps: int = 25, generator: torch.Generator | None = None) -> Tensor:
+def sample_diffusion(model: TextUNet | TextDenoiser, schedule: NoiseSchedule, caption: Caption, *,
+                     vqvae: VQVAE | None = None, guidance: float = 1.0, steps: int = 25,
+                     generator: torch.Generator | None = None) -> Tensor:
     """Images (N, 3, 32, 32) for captions: DDIM from noise with classifier-free guidance.
 
     vqvae None: the tokens are pixel patches; each step's predicted x0 is clipped to

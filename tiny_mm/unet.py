@@ -39,8 +39,8 @@ from torch import Tensor, nn
 
 from tiny_mm.attention import MultiHeadAttention
 from tiny_mm.checks import check_ints
-from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, VOrEps, checked_inputs, \
-    patchify, timestep_embedding, unpatchify
+from tiny_mm.denoiser import Caption, DenoiserBlock, TextEncoder, TokenScaler, VOrEps, check_shared_sizes, \
+    checked_inputs, patchify, timestep_embedding, unpatchify
 from tiny_mm.layers import MLP, mlp_hidden
 from tiny_mm.training import load_sized_model, save_sized_model
 
@@ -86,15 +86,9 @@ class UNetConfig:
                              f"patch {self.patch}")
         if self.channels % self.groups:
             raise ValueError(f"channels {self.channels} must be divisible by groups {self.groups}")
-        if (2 * self.channels) % self.heads or self.text_width % self.heads:
-            raise ValueError(f"2 * channels {2 * self.channels} and text_width {self.text_width} must be "
-                             f"divisible by heads {self.heads}")
-        if self.text_len < 2:
-            raise ValueError(f"text_len must hold <bos> and <eos>, got {self.text_len}")
-        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) or not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
-        if self.prediction not in ("v", "eps"):
-            raise ValueError(f"prediction must be 'v' or 'eps', got {self.prediction!r}")
+        if (2 * self.channels) % self.heads:
+            raise ValueError(f"2 * channels {2 * self.channels} must be divisible by heads {self.heads}")
+        check_shared_sizes(self)
 
     @property
     def token_dim(self) -> int:
